@@ -1,0 +1,7 @@
+"""``python -m holst`` -> the CLI."""
+
+import sys
+
+from holst.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""The ``holst`` command line: a thin shell over the library.
+
+Each leaf command lives in the module that owns the work and exposes two functions:
+``add_arguments(parser: argparse.ArgumentParser) -> None`` and ``main(args: argparse.Namespace) -> int``.
+Only the module of the command being run is imported, so ``holst --help`` stays fast and one
+stage's optional dependencies never break another's command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (group, command) -> (module, one-line help). group None = top-level command.
+COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
+    (None, "generate"): ("holst.generate_cli", "generate images from a caption"),
+    (None, "serve"): ("holst.serve.app", "HTTP API and web page"),
+    ("train", "dalle"): ("holst.train.dalle", "train or fine-tune the transformer"),
+    ("train", "vqgan"): ("holst.train.vqgan", "train the VQGAN image tokenizer"),
+    ("train", "clip"): ("holst.train.clip", "train a CLIP model for ranking"),
+    ("train", "superres"): ("holst.train.superres", "train / fine-tune Real-ESRGAN"),
+    ("train", "tokenizer"): ("holst.text.train_cli", "train a BPE text tokenizer"),
+    ("convert", "rudalle"): ("holst.convert.rudalle", "official ruDALL-E transformer -> holst"),
+    ("convert", "vqgan"): ("holst.convert.vqgan", "Sber VQGAN checkpoint -> holst"),
+    ("convert", "ruclip"): ("holst.convert.ruclip", "official ruCLIP -> holst"),
+    ("convert", "realesrgan"): ("holst.convert.realesrgan", "Real-ESRGAN .pth or ncnn -> holst"),
+    ("prepare", "filter"): ("holst.data.filter_cli", "filter image-caption pairs"),
+    ("prepare", "codes"): ("holst.data.prepare", "encode a dataset into VQGAN code shards"),
+    ("data", "emoji"): ("holst.data.emoji", "build the emoji dataset from npm packages"),
+    ("data", "tuxpaint"): ("holst.data.tuxpaint", "build the Tux Paint dataset from Debian packages"),
+    ("data", "shapes"): ("holst.data.shapes", "render the synthetic shapes dataset"),
+    ("eval", "vqgan"): ("holst.eval_cli", "VQGAN reconstruction report"),
+    ("eval", "dalle"): ("holst.eval_cli", "transformer held-out loss report"),
+    ("eval", "pipeline"): ("holst.eval_cli", "whole-pipeline report"),
+    ("eval", "shapes"): ("holst.eval_cli", "shapes attribute accuracy"),
+    (None, "bench"): ("holst.bench_cli", "run a benchmark script from bench/"),
+}
+
+GROUP_HELP = {
+    "train": "train a stage",
+    "convert": "convert official checkpoints",
+    "prepare": "filter data / pre-compute code shards",
+    "data": "build built-in datasets",
+    "eval": "evaluation reports",
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = []
+    for (group, name), (_, text) in COMMANDS.items():
+        lines.append(f"  {(group + ' ' if group else '') + name:<20} {text}")
+    return argparse.ArgumentParser(
+        prog="holst",
+        description="holst: ruDALL-E text-to-image.\n\ncommands:\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _resolve(argv: list[str]) -> tuple[tuple[str | None, str] | None, list[str]]:
+    """Find the command key in argv; returns (key, remaining args)."""
+    if not argv:
+        return None, argv
+    first = argv[0]
+    if (None, first) in COMMANDS:
+        return (None, first), argv[1:]
+    if first in GROUP_HELP and len(argv) > 1 and (first, argv[1]) in COMMANDS:
+        return (first, argv[1]), argv[2:]
+    return None, argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``holst`` console script."""
+    from holst.utils.runtime import setup_cli_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    key, rest = _resolve(argv)
+    if key is None:
+        parser = _top_parser()
+        if argv and argv[0] in GROUP_HELP:
+            names = [n for (g, n) in COMMANDS if g == argv[0]]
+            parser.error(f"'{argv[0]}' needs one of: {', '.join(names)}")
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}")
+        parser.print_help()
+        return 0 if argv else 2
+    module_name, text = COMMANDS[key]
+    group, name = key
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"holst {(group + ' ') if group else ''}{name}", description=text)
+    if getattr(module, "add_arguments_for", None) is not None:
+        module.add_arguments_for(name, parser)
+    else:
+        module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.command = name
+    setup_cli_logging()
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

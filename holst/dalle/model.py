@@ -1,0 +1,264 @@
+"""The ruDALL-E transformer: a decoder-only GPT over text then image tokens (reference.md §1).
+
+Axis legend: B batch, T text_seq_length (128), D image_tokens_per_dim (32), N = D*D image tokens,
+n <= N image tokens given, S sequence length seen by the layers (T + n; v2: min(T + 1 + n, T + N)),
+H hidden_size, V = vocab_size + image_vocab_size logits.
+
+State-dict names are exactly the reference's (§1.2) minus the three mask buffers, which we rebuild
+from the config, so official checkpoints load with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from holst.config import DalleConfig
+from holst.dalle.attention import ATTN_IMPLS, DalleSelfAttention
+from holst.dalle.masks import build_layer_masks, layer_mask_kind
+from holst.utils.persist import PretrainedMixin
+
+V2_BOS_ID = 2  # hf_version v2 prepends the BOS id once more (reference.md §1.3 step 2)
+
+
+def gelu_fn(name: str):
+    """The MLP activation: 'gelu_jit'/'gelu_tanh' = tanh approximation (the reference's), 'gelu' = erf."""
+    if name == "gelu":
+        return F.gelu
+    return lambda x: F.gelu(x, approximate="tanh")
+
+
+class DalleMLP(nn.Module):
+    """dense_h_to_4h -> GELU -> dense_4h_to_h -> dropout."""
+
+    def __init__(self, hidden_size: int, ratio: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(hidden_size, ratio * hidden_size)
+        self.dense_4h_to_h = nn.Linear(ratio * hidden_size, hidden_size)
+        self.act = gelu_fn(activation)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] -> [B, S, H]."""
+        return self.dropout(self.dense_4h_to_h(self.act(self.dense_h_to_4h(x))))
+
+
+class DalleLayer(nn.Module):
+    """Pre-LN block with CogView's sandwich LN: x + LN(Attn(LN(x))), then h + LN(MLP(LN(h)))."""
+
+    def __init__(self, config: DalleConfig) -> None:
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_eps
+        self.input_layernorm = nn.LayerNorm(h, eps=eps)
+        self.attention = DalleSelfAttention(h, config.num_attention_heads, config.attention_dropout_prob,
+                                            config.output_dropout_prob, config.cogview_pb_relax)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
+        self.mlp = DalleMLP(h, config.mlp_ratio, config.mlp_activation, config.output_dropout_prob)
+        self.sandwich = config.cogview_sandwich_layernorm
+        if self.sandwich:
+            self.before_first_addition_layernorm = nn.LayerNorm(h, eps=eps)
+            self.before_second_addition_layernorm = nn.LayerNorm(h, eps=eps)
+
+    def attn_residual(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """x + (sandwich LN of) the attention output."""
+        if self.sandwich:
+            attn_out = self.before_first_addition_layernorm(attn_out)
+        return x + attn_out
+
+    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
+        """h + (sandwich LN of) MLP(LN(h))."""
+        m = self.mlp(self.post_attention_layernorm(h))
+        if self.sandwich:
+            m = self.before_second_addition_layernorm(m)
+        return h + m
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+        """x [B, S, H], mask bool [S, S] -> [B, S, H]."""
+        h = self.attn_residual(x, self.attention(self.input_layernorm(x), mask, impl))
+        return self.mlp_residual(h)
+
+
+class DalleTransformer(nn.Module):
+    """The layer stack and its final LayerNorm (keys ``transformer.layers.{i}.*``, ``transformer.final_layernorm``)."""
+
+    def __init__(self, config: DalleConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DalleLayer(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.mask_kinds = [layer_mask_kind(i, config.num_layers) for i in range(config.num_layers)]
+
+
+class DalleModel(PretrainedMixin, nn.Module):
+    """ruDALL-E transformer.
+
+    ``forward(input_ids)`` takes text ids then image codes as the reference does (B, T + n) and
+    returns logits (B, S, V) equal to the reference's ``forward(input_ids, causal_mask)``.
+    ``attn_impl``: 'sdpa' (fused, default) or 'math' (the reference's explicit kernel with -10000
+    masking and PB-relax, for bit-level comparisons and fp16 safety studies).
+    """
+
+    config_class = DalleConfig
+
+    def __init__(self, config: DalleConfig, attn_impl: str = "sdpa") -> None:
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={attn_impl!r} is not allowed; choose one of {list(ATTN_IMPLS)}")
+        self.config = config
+        self.attn_impl = attn_impl
+        self.gradient_checkpointing = False
+        h = config.hidden_size
+        self.text_embeddings = nn.Embedding(config.vocab_size, h)
+        self.image_embeddings = nn.Embedding(config.image_vocab_size, h)
+        self.text_pos_embeddings = nn.Embedding(config.text_seq_length + 1, h)
+        self.image_row_embeddings = nn.Embedding(config.image_tokens_per_dim, h)
+        self.image_col_embeddings = nn.Embedding(config.image_tokens_per_dim, h)
+        self.transformer = DalleTransformer(config)
+        self.to_logits = nn.Sequential(nn.LayerNorm(h, eps=config.layernorm_eps), nn.Linear(h, config.total_vocab_size))
+        self._masks: dict[str, dict[str, torch.Tensor]] = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-style init for training from scratch: N(0, std) weights, output projections scaled
+        by 1/sqrt(2 L), zero biases, unit LayerNorms. (The reference leaves PyTorch defaults,
+        e.g. N(0, 1) embeddings, which train poorly from scratch; pretrained weights overwrite all.)"""
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith("attention.dense") or name.endswith("dense_4h_to_h")
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ masks
+    def layer_masks(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The three bool [S_max, S_max] masks on ``device`` (built once per device, not saved)."""
+        key = str(device)
+        if key not in self._masks:
+            c = self.config
+            self._masks[key] = build_layer_masks(c.text_seq_length, c.image_tokens_per_dim, c.hf_version, device=device)
+        return self._masks[key]
+
+    def reset_buffers(self) -> None:
+        """Drop cached masks (called after loading onto a new device)."""
+        self._masks = {}
+
+    # ------------------------------------------------------------------ embedding
+    def replace_text_pads(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids: a 0 at text position i becomes vocab_size - T + i (position-specific pads)."""
+        T = self.config.text_seq_length
+        pad_ids = self.config.vocab_size - T + torch.arange(text_ids.shape[1], device=text_ids.device)
+        return torch.where(text_ids == 0, pad_ids, text_ids)
+
+    def prepare_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Pad replacement, then (v2) the extra BOS in front. (B, T) -> (B, T or T + 1)."""
+        text = self.replace_text_pads(text_ids)
+        if self.config.hf_version == "v2":
+            bos = torch.full_like(text[:, :1], V2_BOS_ID)
+            text = torch.cat([bos, text], dim=1)
+        return text
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, t) prepared text ids -> (B, t, H), positions 0..t-1."""
+        pos = torch.arange(text.shape[1], device=text.device)
+        return self.text_embeddings(text) + self.text_pos_embeddings(pos)
+
+    def embed_image(self, image_codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, n) codes at image positions start..start+n-1 -> (B, n, H) with row/col embeddings."""
+        D = self.config.image_tokens_per_dim
+        j = torch.arange(start, start + image_codes.shape[1], device=image_codes.device)
+        return self.image_embeddings(image_codes) + self.image_row_embeddings(j // D) + self.image_col_embeddings(j % D)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T + n) ids -> (B, S, H) embeddings, gradient-shrunk as in CogView."""
+        T = self.config.text_seq_length
+        if input_ids.dim() != 2 or input_ids.shape[1] < T:
+            raise ValueError(f"input_ids must be (B, >= {T}) long, got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.total_seq_length:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions; at most {self.config.total_seq_length}")
+        x = self.embed_text(self.prepare_text(input_ids[:, :T]))
+        if input_ids.shape[1] > T:
+            x = torch.cat([x, self.embed_image(input_ids[:, T:])], dim=1)  # [B, S, H]
+        x = x[:, : self.config.total_seq_length]  # v2: the last image token is never an input
+        return shrink_gradient(x)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids: (B, T + n) long, text ids (0 = pad) then image codes 0..image_vocab_size-1.
+        Returns:
+            (B, S, V) logits: [..., :vocab_size] text, [..., vocab_size:] image codes.
+        """
+        return self.to_logits(self.hidden_states(input_ids))
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T + n) -> (B, S, H) after the final LayerNorm of the transformer."""
+        x = self.embed(input_ids)
+        S = x.shape[1]
+        masks = {kind: m[:S, :S] for kind, m in self.layer_masks(x.device).items()}
+        for layer, kind in zip(self.transformer.layers, self.transformer.mask_kinds):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, masks[kind], self.attn_impl, use_reentrant=False)
+            else:
+                x = layer(x, masks[kind], self.attn_impl)
+        return self.transformer.final_layernorm(x)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, input_ids: torch.Tensor, logits: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss (text + w * image) / (w + 1), w = loss_img_weight (reference.md §1.6).
+
+        Args:
+            input_ids: (B, T + n) with n >= 1.
+            logits: optional precomputed ``self(input_ids)``.
+        Returns:
+            (loss, {'text': text CE, 'image': image CE}); CEs are fp32 means over all positions
+            (pads included, as in the reference).
+        """
+        c = self.config
+        T, Vt = c.text_seq_length, c.vocab_size
+        if logits is None:
+            logits = self(input_ids)
+        logits = logits.float()
+        text = self.prepare_text(input_ids[:, :T])
+        image = input_ids[:, T:]
+        if image.shape[1] == 0:
+            raise ValueError("compute_loss needs at least one image token after the text")
+        if c.hf_version == "v2":
+            # [BOS, text(T), image...]: position i predicts text[i] (i < T), position T + j predicts image[j].
+            text_logits, text_labels = logits[:, :T, :Vt], text[:, 1:]
+            m = min(image.shape[1], logits.shape[1] - T)
+            image_logits, image_labels = logits[:, T : T + m, Vt:], image[:, :m]
+        elif c.v3_reference_loss:
+            # The reference's v3 slices: the last text position scores image[0] in the text vocabulary.
+            labels = torch.cat([text[:, 1:], image], dim=1)
+            text_logits, text_labels = logits[:, :T, :Vt], labels[:, :T]
+            image_logits, image_labels = logits[:, T:-1, Vt:], labels[:, T:]
+        else:
+            text_logits, text_labels = logits[:, : T - 1, :Vt], text[:, 1:]
+            image_logits, image_labels = logits[:, T - 1 : T - 1 + image.shape[1], Vt:], image
+        loss_text = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), text_labels.reshape(-1))
+        loss_image = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), image_labels.reshape(-1))
+        w = c.loss_img_weight
+        loss = (loss_text + w * loss_image) / (w + 1)
+        return loss, {"text": loss_text.detach(), "image": loss_image.detach()}
+
+    def num_parameters(self) -> int:
+        """Number of parameters (masks are not parameters)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def shrink_gradient(x: torch.Tensor, factor: float = 0.1) -> torch.Tensor:
+    """CogView's trick: forward value unchanged, gradient into the embeddings scaled by ``factor``."""
+    return factor * x + (1.0 - factor) * x.detach()
