@@ -184,6 +184,7 @@ class DalleConfig(ConfigBase):
         """Parameter count of a model with this config (masks excluded)."""
         h, L = self.hidden_size, self.num_layers
         emb = (self.vocab_size + self.image_vocab_size + self.text_seq_length + 1 + 2 * self.image_tokens_per_dim) * h
-        per_layer = (3 * h * h + 3 * h) + (h * h + h) + 2 * (self.mlp_ratio * h * h) + self.mlp_ratio * h + h + 4 * 2 * h
+        r = self.mlp_ratio
+        per_layer = (3 * h * h + 3 * h) + (h * h + h) + 2 * (r * h * h) + r * h + h + 4 * 2 * h
         head = 2 * h + self.total_vocab_size * h + self.total_vocab_size + 2 * h
         return emb + L * per_layer + head

@@ -134,7 +134,8 @@ class PretrainedMixin:
         return model.eval()
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True, source: str = "state dict") -> None:
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
+              source: str = "state dict") -> None:
     """Load ``state`` into ``model`` (possibly on the meta device) with ``assign=True``.
 
     Shapes are checked first; every problem is listed in one CheckpointError. Non-persistent
