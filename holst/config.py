@@ -188,3 +188,391 @@ class DalleConfig(ConfigBase):
         per_layer = (3 * h * h + 3 * h) + (h * h + h) + 2 * (r * h * h) + r * h + h + 4 * 2 * h
         head = 2 * h + self.total_vocab_size * h + self.total_vocab_size + 2 * h
         return emb + L * per_layer + head
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP (ranking)
+# --------------------------------------------------------------------------------------------
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass
+class ClipConfig(ConfigBase):
+    """The ruCLIP / OpenAI-CLIP ViT model (``research/reference.md`` §5).
+
+    Field names are the official ``config.json`` keys of ruCLIP, so that file maps 1:1 (plus
+    ``mean``/``std``, which ruCLIP's processor reads from the same file). ``vision_heads`` 0 means
+    the official rule ``vision_width // 64``. Defaults are ruclip-vit-base-patch32-384.
+    """
+
+    embed_dim: int = 512
+    image_resolution: int = 384
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+    vision_heads: int = 0
+    eos_id: int = 3
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+                     "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        _check(self.image_resolution % self.vision_patch_size == 0,
+               f"image_resolution={self.image_resolution} must be divisible by vision_patch_size={self.vision_patch_size}")
+        _check(isinstance(self.vision_heads, int) and self.vision_heads >= 0,
+               f"vision_heads={self.vision_heads!r} must be an integer >= 0 (0 = vision_width // 64)")
+        _check(self.num_vision_heads > 0 and self.vision_width % self.num_vision_heads == 0,
+               f"vision_width={self.vision_width} must be divisible by the vision head count {self.num_vision_heads} "
+               "(set vision_heads, or use a width that is a multiple of 64)")
+        _check(self.transformer_width % self.transformer_heads == 0,
+               f"transformer_width={self.transformer_width} must be divisible by "
+               f"transformer_heads={self.transformer_heads}")
+        _check(0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} must lie in [0, vocab_size)")
+        for name in ("mean", "std"):
+            value = tuple(getattr(self, name))
+            _check(len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+                   f"{name}={value!r} must be three numbers (one per RGB channel)")
+            setattr(self, name, tuple(float(v) for v in value))
+        _check(all(s > 0 for s in self.std), f"std={self.std!r} must be positive")
+
+    @property
+    def num_vision_heads(self) -> int:
+        """Vision attention heads: ``vision_heads``, or the official ``vision_width // 64``."""
+        return self.vision_heads or self.vision_width // 64
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side: image_resolution // vision_patch_size."""
+        return self.image_resolution // self.vision_patch_size
+
+
+# --------------------------------------------------------------------------------------------
+# VQGAN image tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VQGANConfig(ConfigBase):
+    """The taming-style VQGAN image tokenizer (``research/reference.md`` §4).
+
+    The ``ddconfig`` field names and defaults are those of the Sber yml (ch 128, ch_mult 1,1,2,4,
+    2 res blocks, attention at 32x32, z 256, 8192 codes of width 256), so the official checkpoint
+    and smaller models in the same layout map 1:1. ``quantizer``: 'gumbel' (Sber's GumbelQuantize,
+    logits ``quantize.proj`` + table ``quantize.embed``), 'vq' (nearest neighbour + commitment loss)
+    or 'ema' (nearest neighbour, EMA codebook updates, dead-code restarts; trains most easily on
+    small data). ``decoder``: 'plain' or 'dwt' (12-channel decoder + Haar IDWT, output twice the size).
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (32,)
+    z_channels: int = 256
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    double_z: bool = False
+    n_embed: int = 8192
+    embed_dim: int = 256
+    quantizer: str = "gumbel"
+    decoder: str = "plain"
+    norm_groups: int = 32
+    kl_weight: float = 1e-8
+    beta: float = 0.25
+    ema_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(self.ch_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        for name in ("ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch",
+                     "n_embed", "embed_dim", "norm_groups"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        _check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
+               f"ch_mult={self.ch_mult!r} must be a non-empty list of positive integers")
+        for m in (1, *self.ch_mult):
+            _check((self.ch * m) % self.norm_groups == 0,
+                   f"ch={self.ch} x ch_mult {m} is not divisible by norm_groups={self.norm_groups} (GroupNorm)")
+        check_prob("dropout", self.dropout)
+        check_choice("quantizer", self.quantizer, ("gumbel", "vq", "ema"))
+        check_choice("decoder", self.decoder, ("plain", "dwt"))
+        check_positive("kl_weight", self.kl_weight, allow_zero=True)
+        check_positive("beta", self.beta, allow_zero=True)
+        _check(0.0 < self.ema_decay < 1.0, f"ema_decay={self.ema_decay!r} must lie in (0, 1)")
+        _check(self.in_channels == 3 and self.out_ch == 3,
+               f"in_channels={self.in_channels}, out_ch={self.out_ch}: holst images are RGB (3 channels)")
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: the side of the image patch one code stands for (8 for Sber)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training (engine + trainers; owner: training)
+# --------------------------------------------------------------------------------------------
+
+TRAIN_BACKENDS = ("auto", "single", "ddp", "fsdp", "deepspeed")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigBase):
+    """Options shared by every trainer: the engine (backend, precision, accumulation, clipping),
+    the optimizer (AdamW, no decay on norms/biases/embeddings), the schedule (warm-up + cosine),
+    logging and checkpointing. Stage trainers subclass it to add their own fields.
+
+    ``batch_size`` is the micro-batch of one process; the global batch is
+    ``batch_size * grad_accum * world_size``. ``precision='auto'``: fp32 on CPU, bf16 on GPUs that
+    support it, fp16 with dynamic loss scaling on the others.
+    """
+
+    backend: str = "auto"
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/train"
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 500
+    sample_every: int = 0
+    tensorboard: bool = True
+    num_threads: int = 0
+    loss_scale_init: float = 2.0**16
+    loss_scale_window: int = 400
+    zero_stage: int = 2
+    fsdp_reshard_after_forward: bool = True
+    ddp_find_unused_parameters: bool = False
+    ddp_broadcast_buffers: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, TRAIN_BACKENDS)
+        check_choice("precision", self.precision, TRAIN_PRECISIONS)
+        check_choice("optimizer", self.optimizer, ("adamw", "adam", "sgd"))
+        check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "loss_scale_window"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("warmup_steps", "save_every", "sample_every", "num_threads", "seed"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                   f"{name}={getattr(self, name)!r} must be an integer >= 0")
+        check_positive("lr", self.lr)
+        check_prob("min_lr_ratio", self.min_lr_ratio)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("grad_clip", self.grad_clip, allow_zero=True)
+        check_positive("eps", self.eps)
+        check_positive("loss_scale_init", self.loss_scale_init)
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay!r} must lie in [0, 1) (0 = off)")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"betas={self.betas!r} must be two numbers in [0, 1)")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline (pipeline.json) and server
+# --------------------------------------------------------------------------------------------
+
+PIPELINE_COMPONENTS = ("tokenizer", "vqgan", "dalle", "clip", "superres")
+REQUIRED_COMPONENTS = ("tokenizer", "vqgan", "dalle")
+
+
+@dataclasses.dataclass
+class PipelineConfig(ConfigBase):
+    """``pipeline.json`` of a pipeline directory: its components, sampling defaults and model card.
+
+    ``top_k`` 0 and ``top_p`` 1.0 switch the filters off; ``guidance_scale`` None (or 1.0) means no
+    classifier-free guidance; ``rerank`` 0 keeps every image; ``upscale`` 1 keeps the VQGAN size.
+    """
+
+    format_version: int = 1
+    components: tuple[str, ...] = REQUIRED_COMPONENTS
+    num_images: int = 4
+    top_k: int = 1024
+    top_p: float = 0.99
+    temperature: float = 1.0
+    guidance_scale: float | None = None
+    rerank: int = 0
+    upscale: int = 1
+    batch_size: int = 8
+    # Model card: plain facts shown by `holst serve` and written to the README of the directory.
+    name: str = ""
+    description: str = ""
+    language: str = "ru"
+    license: str = "Apache-2.0"
+    training_data: str = ""
+    created_by: str = "holst"
+
+    def __post_init__(self) -> None:
+        _check(self.format_version == 1, f"format_version={self.format_version!r} is not supported; this holst reads 1")
+        self.components = tuple(self.components)
+        for name in self.components:
+            check_choice("components entry", name, PIPELINE_COMPONENTS)
+        for name in REQUIRED_COMPONENTS:
+            _check(name in self.components, f"components={list(self.components)} must include {name!r}")
+        for name in ("num_images", "batch_size", "upscale"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k={self.top_k!r} must be an integer >= 0")
+        _check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p!r} must lie in (0, 1]")
+        check_positive("temperature", self.temperature)
+        if self.guidance_scale is not None:
+            check_positive("guidance_scale", self.guidance_scale)
+        _check(isinstance(self.rerank, int) and self.rerank >= 0, f"rerank={self.rerank!r} must be an integer >= 0")
+
+
+@dataclasses.dataclass
+class ServeConfig(ConfigBase):
+    """``holst serve``: binding, batching, limits (``holst/serve/app.py``).
+
+    A host other than loopback needs ``token`` (sent as ``Authorization: Bearer <token>``).
+    Jobs beyond ``max_queue`` are answered 503 with ``Retry-After: retry_after_s``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queue: int = 64
+    max_batch_images: int = 16
+    batch_window_ms: float = 25.0
+    max_images_per_request: int = 16
+    max_prompt_chars: int = 500
+    max_body_bytes: int = 16384
+    max_upscale: int = 4
+    request_timeout_s: float = 600.0
+    retry_after_s: int = 5
+    preview_every: int = 0
+    max_stored_images: int = 512
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.host, str) and self.host != "", "host must be a non-empty string")
+        _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port={self.port!r} must lie in [0, 65535]")
+        for name in ("max_queue", "max_batch_images", "max_images_per_request", "max_prompt_chars",
+                     "max_body_bytes", "max_upscale", "retry_after_s", "max_stored_images", "max_connections"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        check_positive("batch_window_ms", self.batch_window_ms, allow_zero=True)
+        check_positive("request_timeout_s", self.request_timeout_s)
+        _check(isinstance(self.preview_every, int) and self.preview_every >= 0,
+               f"preview_every={self.preview_every!r} must be an integer >= 0 (0 = once per image row)")
+        if self.token is not None:
+            _check(isinstance(self.token, str) and len(self.token) >= 8, "token must be a string of >= 8 characters")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        _check(loopback or self.token is not None,
+               f"host={self.host!r} is not loopback: set a token (--token or HOLST_TOKEN) so that "
+               "strangers cannot use the server")
+
+
+# --------------------------------------------------------------------------------------------
+# Super-resolution (owner: superres)
+# --------------------------------------------------------------------------------------------
+
+SUPERRES_SCALES = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass
+class SuperResConfig(ConfigBase):
+    """Real-ESRGAN's RRDBNet (``research/reference.md`` §6); defaults are RealESRGAN_x4plus.
+
+    ``scale`` 2 (and 1) fold the input with pixel_unshuffle as upstream basicsr does; 8 adds a third
+    upsampling conv (``conv_up3``, ru-dalle's x8 model).
+    """
+
+    num_in_ch: int = 3
+    num_out_ch: int = 3
+    num_feat: int = 64
+    num_block: int = 23
+    num_grow_ch: int = 32
+    scale: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("num_in_ch", "num_out_ch", "num_feat", "num_grow_ch"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        _check(isinstance(self.num_block, int) and self.num_block >= 0,
+               f"num_block={self.num_block!r} must be an integer >= 0")
+        check_choice("scale", self.scale, SUPERRES_SCALES)
+
+
+SUPERRES_DEGRADATIONS = ("auto", "vqgan", "classic")
+
+
+@dataclasses.dataclass
+class SuperResTrainConfig(TrainConfig):
+    """``holst train superres``: fine-tune (``init``) or train an RRDBNet on (LR, HR) pairs made on the fly.
+
+    HR = random ``hr_size`` crops of the images under ``data``; LR = the crop shrunk by ``scale`` and
+    degraded. ``degradation``: 'vqgan' round-trips LR through the VQGAN at ``vqgan`` (what the
+    pipeline's decoder produces), 'classic' applies blur + noise + JPEG, 'auto' = 'vqgan' when
+    ``vqgan`` is set, else 'classic'. ``classic_prob``: share of 'vqgan' batches degraded classically.
+    Without ``init``, the architecture fields below build a fresh model.
+    """
+
+    out_dir: str = "runs/superres"
+    batch_size: int = 4
+    max_steps: int = 2000
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 0.0
+    data: str = ""
+    init: str = ""
+    scale: int = 4
+    num_feat: int = 64
+    num_block: int = 23
+    num_grow_ch: int = 32
+    hr_size: int = 128
+    degradation: str = "auto"
+    vqgan: str = ""
+    classic_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.2, 1.5)
+    noise_std: tuple[float, float] = (0.0, 0.03)
+    jpeg_quality: tuple[int, int] = (40, 95)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("scale", self.scale, SUPERRES_SCALES)
+        check_choice("degradation", self.degradation, SUPERRES_DEGRADATIONS)
+        _check(self.degradation != "vqgan" or bool(self.vqgan), "degradation='vqgan' needs vqgan=<VQGAN directory>")
+        for name in ("num_feat", "num_grow_ch", "hr_size"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        _check(isinstance(self.num_block, int) and self.num_block >= 0, f"num_block={self.num_block!r} must be >= 0")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
+               f"num_workers={self.num_workers!r} must be an integer >= 0")
+        unit = self.scale * {1: 4, 2: 2}.get(self.scale, 1)
+        _check(self.hr_size % unit == 0, f"hr_size={self.hr_size} must be a multiple of {unit} for scale={self.scale}")
+        check_prob("classic_prob", self.classic_prob)
+        for name, low in (("blur_sigma", 0.0), ("noise_std", 0.0), ("jpeg_quality", 1)):
+            value = tuple(getattr(self, name))
+            _check(len(value) == 2 and low <= value[0] <= value[1],
+                   f"{name}={value!r} must be two numbers [min, max] with {low} <= min <= max")
+            setattr(self, name, value)
+        _check(self.jpeg_quality[1] <= 100, f"jpeg_quality={self.jpeg_quality!r}: qualities lie in [1, 100]")
