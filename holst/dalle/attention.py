@@ -103,3 +103,19 @@ class DalleSelfAttention(nn.Module):
         """Full-sequence attention. x [B, S, H], mask bool [S, S] -> [B, S, H]."""
         q, k, v = self.qkv(x)
         return self.project_out(self.attend(q, k, v, mask, impl))
+
+    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    impl: str) -> torch.Tensor:
+        """Attention of new queries over cached keys (incremental decoding, holst/dalle/cache.py).
+
+        Args:
+            q: [B, nh, s, hd]; k, v: [B, nh, K, hd] (only the keys this layer may see, or all of them
+                with ``mask``); mask: bool broadcastable to [B, nh, s, K], or None = all visible.
+        Returns:
+            [B, nh, s, hd].
+        """
+        if impl == "math":
+            if mask is None:
+                mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+            return attention_math(q, k, v, mask, self.pb_relax)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

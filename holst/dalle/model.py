@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from holst.config import DalleConfig
 from holst.dalle.attention import ATTN_IMPLS, DalleSelfAttention
+from holst.dalle.cache import KVCache, LayerKV
 from holst.dalle.masks import build_layer_masks, layer_mask_kind
 from holst.utils.persist import PretrainedMixin
 
@@ -79,6 +80,26 @@ class DalleLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
         """x [B, S, H], mask bool [S, S] -> [B, S, H]."""
         h = self.attn_residual(x, self.attention(self.input_layernorm(x), mask, impl))
+        return self.mlp_residual(h)
+
+    # Incremental decoding (holst/dalle/cache.py) ------------------------------------------------
+    def forward_prefill(self, x: torch.Tensor, mask: torch.Tensor, kv: LayerKV, impl: str = "sdpa") -> torch.Tensor:
+        """As :meth:`forward` on positions 0..S-1, also storing their keys/values in ``kv``."""
+        q, k, v = self.attention.qkv(self.input_layernorm(x))  # each [B, nh, S, hd]
+        kv.store_prefix(k, v)
+        h = self.attn_residual(x, self.attention.project_out(self.attention.attend(q, k, v, mask, impl)))
+        return self.mlp_residual(h)
+
+    def forward_step(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+        """One new token at layer position ``pos`` (int, or 0-dim tensor for a static cache).
+        x [B, 1, H] -> [B, 1, H]; attends only over the keys ``kv`` keeps for this layer's mask."""
+        q, k, v = self.attention.qkv(self.input_layernorm(x))  # each [B, nh, 1, hd]
+        if isinstance(pos, int):
+            keys, values, mask = kv.step_dynamic(k, v, pos)
+        else:
+            keys, values, mask = kv.step_static(k, v, pos)
+        ctx = self.attention.attend_step(q, keys, values, mask, impl)  # [B, nh, 1, hd]
+        h = self.attn_residual(x, self.attention.project_out(ctx))
         return self.mlp_residual(h)
 
 
@@ -257,6 +278,74 @@ class DalleModel(PretrainedMixin, nn.Module):
     def num_parameters(self) -> int:
         """Number of parameters (masks are not parameters)."""
         return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ incremental decoding
+    # Generation feeds text (+ a known image prefix) once, then one image token per step; only the
+    # new token goes through the layers and only the image rows of the logits head are computed.
+    @property
+    def num_text_positions(self) -> int:
+        """P: layer positions taken by the text (T; T + 1 in v2 because of the extra BOS).
+        Image token j sits at layer position P + j and is predicted by position P - 1 + j."""
+        return self.config.text_seq_length + (1 if self.config.hf_version == "v2" else 0)
+
+    def new_cache(self, batch_size: int, *, static: bool = False) -> KVCache:
+        """A preallocated KV cache for ``batch_size`` rows on this model's device and dtype."""
+        w = self.image_embeddings.weight
+        return KVCache(self.config, batch_size, w.device, w.dtype, static=static)
+
+    def prefill(self, text_ids: torch.Tensor, image_codes: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Run the text and an optional known image prefix through the stack, filling ``cache``.
+
+        Args:
+            text_ids: (B, T) long, as the tokenizer makes them (0 = pad).
+            image_codes: (B, n) long known image codes 0..n-1, or None; n <= N - 1.
+            cache: from :meth:`new_cache` with the same B.
+        Returns:
+            (B, P + n, H) final-LayerNorm hidden states; the last one predicts image token n.
+        """
+        x = self.embed_text(self.prepare_text(text_ids))  # [B, P, H]
+        if image_codes is not None and image_codes.shape[1] > 0:
+            if image_codes.shape[1] >= self.config.image_seq_length:
+                raise ValueError(f"prefill takes at most N - 1 = {self.config.image_seq_length - 1} image codes")
+            x = torch.cat([x, self.embed_image(image_codes)], dim=1)  # [B, P + n, H]
+        S = x.shape[1]
+        masks = {kind: m[:S, :S] for kind, m in self.layer_masks(x.device).items()}
+        for layer, kind, kv in zip(self.transformer.layers, self.transformer.mask_kinds, cache.layers):
+            x = layer.forward_prefill(x, masks[kind], kv, self.attn_impl)
+        return self.transformer.final_layernorm(x)
+
+    def decode_step(self, codes: torch.Tensor, image_index: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed image token ``image_index`` (j) and return the hidden state that predicts token j + 1.
+
+        Args:
+            codes: (B, 1) long image codes of token j.
+            image_index: j as an int (dynamic cache) or a 0-dim long device tensor (static cache).
+            cache: filled for layer positions < P + j.
+        Returns:
+            (B, 1, H) final-LayerNorm hidden state.
+        """
+        D, P = self.config.image_tokens_per_dim, self.num_text_positions
+        if cache.static:
+            j = image_index.view(1)  # [1]
+            pos = j[0] + P
+        else:
+            if not 0 <= image_index < self.config.total_seq_length - P:
+                raise ValueError(f"image_index={image_index} is outside 0..{self.config.total_seq_length - P - 1}")
+            j = cache.index_table[image_index : image_index + 1]  # [1], a view: no per-step allocation
+            pos = P + image_index
+        x = self.image_embeddings(codes) + self.image_row_embeddings(j // D) + self.image_col_embeddings(j % D)
+        for layer, kv in zip(self.transformer.layers, cache.layers):
+            x = layer.forward_step(x, kv, pos, self.attn_impl)
+        return self.transformer.final_layernorm(x)
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, s, H) final hidden states -> (B, s, image_vocab_size) image logits only
+        (the head's text rows are skipped: text is never sampled at image positions)."""
+        ln, head = self.to_logits[0], self.to_logits[1]
+        x, start = ln(hidden), self.config.vocab_size
+        if isinstance(head, nn.Linear):
+            return F.linear(x, head.weight[start:], head.bias[start:])
+        return head.forward_rows(x, start)  # quantised head (holst/dalle/quant.py)
 
 
 def shrink_gradient(x: torch.Tensor, factor: float = 0.1) -> torch.Tensor:
