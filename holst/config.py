@@ -228,7 +228,8 @@ class ClipConfig(ConfigBase):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                    f"{name}={getattr(self, name)!r} must be a positive integer")
         _check(self.image_resolution % self.vision_patch_size == 0,
-               f"image_resolution={self.image_resolution} must be divisible by vision_patch_size={self.vision_patch_size}")
+               f"image_resolution={self.image_resolution} must be divisible by "
+               f"vision_patch_size={self.vision_patch_size}")
         _check(isinstance(self.vision_heads, int) and self.vision_heads >= 0,
                f"vision_heads={self.vision_heads!r} must be an integer >= 0 (0 = vision_width // 64)")
         _check(self.num_vision_heads > 0 and self.vision_width % self.num_vision_heads == 0,
