@@ -1,0 +1,130 @@
+"""Shared pieces of the built-in dataset builders (emoji, tuxpaint): output layout, split, SVG rendering.
+
+Output layout of a built set (read by :class:`holst.data.loaders.TableDataset`)::
+
+    DIR/images/<group>/<name>.png   RGB PNG, size x size
+    DIR/captions.jsonl              one JSON object per image: file, ru, en, split, concept, ... (see builder)
+    DIR/meta.json                   packages + versions, counts per split, split parameters, build options
+    DIR/LICENSES/                   licence / attribution of every source package
+
+``split`` is ``train``, ``test_concept`` (concept never in train) or ``test_style`` (concept seen in
+other styles, this style seen on other concepts). It is a pure function of (seed, concept, style), so
+the held-out set is fixed and can be rebuilt byte-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from holst.data.images import DataReport, to_rgb_counted
+
+SPLITS = ("train", "test_concept", "test_style")
+
+
+def unit_hash(*parts: object) -> float:
+    """Deterministic number in [0, 1) from the parts (sha1; independent of Python's hash seed)."""
+    digest = hashlib.sha1("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_split(concept: str, style: str, styles_of_concept: list[str], *, seed: int,
+                 heldout_concepts: float, heldout_styles: float) -> str:
+    """Split of one (concept, style) rendering.
+
+    A fraction ``heldout_concepts`` of concepts is held out entirely; of the other concepts that have
+    at least two styles, a fraction ``heldout_styles`` has one (hash-chosen) style held out.
+    """
+    if unit_hash(seed, "concept", concept) < heldout_concepts:
+        return "test_concept"
+    styles = sorted(styles_of_concept)
+    if len(styles) >= 2 and unit_hash(seed, "style", concept) < heldout_styles:
+        chosen = styles[int(unit_hash(seed, "which-style", concept) * len(styles))]
+        if style == chosen:
+            return "test_style"
+    return "train"
+
+
+def require_rasteriser():
+    """Import resvg-py (the ``holst[data]`` extra) or raise an ImportError that says how to install it."""
+    try:
+        import resvg_py
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("SVG rendering needs resvg-py: pip install 'holst[data]' (or pip install resvg-py)") from e
+    return resvg_py
+
+
+_LENGTH = re.compile(r"^\s*([0-9.]+)\s*(px|mm|cm|in|pt|pc)?\s*$")
+_UNIT_PX = {None: 1.0, "px": 1.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0, "pt": 96 / 72, "pc": 16.0}
+
+
+def ensure_viewbox(svg: str) -> str:
+    """Make an <svg> with absolute width/height (e.g. "128pt", "210mm") scalable by resvg.
+
+    Without a viewBox the drawing cannot be scaled to the requested pixel size (user units are px, so
+    the viewBox is the size in px), and resvg-py 0.5 rejects unit suffixes on the root size
+    ("SVG has an invalid size"), so width/height are rewritten in px.
+    """
+    head = re.search(r"<svg\b[^>]*>", svg, flags=re.S)
+    if head is None:
+        return svg
+    tag = head.group(0)
+    w = re.search(r'(\swidth\s*=\s*["\'])([^"\']+)(["\'])', tag)
+    h = re.search(r'(\sheight\s*=\s*["\'])([^"\']+)(["\'])', tag)
+    if not (w and h):
+        return svg
+    mw, mh = _LENGTH.match(w.group(2)), _LENGTH.match(h.group(2))
+    if not (mw and mh):
+        return svg
+    wpx = float(mw.group(1)) * _UNIT_PX[mw.group(2)]
+    hpx = float(mh.group(1)) * _UNIT_PX[mh.group(2)]
+    new_tag = tag.replace(w.group(0), f"{w.group(1)}{wpx:g}{w.group(3)}", 1)
+    new_tag = new_tag.replace(h.group(0), f"{h.group(1)}{hpx:g}{h.group(3)}", 1)
+    if "viewBox" not in tag:
+        new_tag = new_tag[:-1].rstrip("/") + f' viewBox="0 0 {wpx:g} {hpx:g}"' + ("/>" if tag.endswith("/>") else ">")
+    return svg.replace(tag, new_tag, 1)
+
+
+def render_svg(svg: str, size: int, *, report: DataReport | None = None) -> Image.Image:
+    """Rasterise SVG text to an RGB image fitted in size x size (aspect kept, centred, white background)."""
+    resvg = require_rasteriser()
+    svg = ensure_viewbox(svg)
+    png = resvg.svg_to_bytes(svg_string=svg, width=size, height=size, background="#ffffff")
+    image = Image.open(io.BytesIO(bytes(png)))
+    image.load()
+    image = to_rgb_counted(image, report)
+    if image.size != (size, size):  # resvg keeps the aspect ratio when the SVG is not square
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+        image = canvas
+    return image
+
+
+def save_png_fast(image: Image.Image, path: Path) -> None:
+    """PNG without metadata (deterministic bytes); compress_level 6 balances size and build time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", compress_level=6)
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Create ``out``; refuse to mix with an earlier build unless ``overwrite``."""
+    if (out / "captions.jsonl").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset (captions.jsonl); pass --overwrite to rebuild it")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_index(out: Path, records: list[dict], meta: dict) -> dict:
+    """Write captions.jsonl and meta.json (with counts per split); returns meta."""
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    meta["counts"] = {"images": len(records), **{s: n for s, n in sorted(Counter(r["split"] for r in records).items())}}
+    meta["concepts"] = {s: len({r["concept"] for r in records if r["split"] == s}) for s in SPLITS}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta

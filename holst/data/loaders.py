@@ -1,0 +1,433 @@
+"""Image-caption datasets: a folder of images + .txt captions, a JSONL/CSV/Parquet table, WebDataset tar shards.
+
+Every dataset yields dicts ``{"image": (3, size, size) float in [0, 1], "caption": str, "lang": str,
+"key": str}``. Images are decoded robustly (:func:`holst.data.images.decode_image`): bad files are
+skipped and counted in ``dataset.report`` (a :class:`DataReport`) with a warning naming the file.
+
+Map-style datasets (folder, table) cannot drop an index, so a bad item is replaced by the next good
+one (index + 1, wrapping) and counted; :class:`WebDatasetShards` simply skips it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from holst.data.builtin import unit_hash
+from holst.data.images import (
+    CROP_MODES,
+    DEFAULT_MAX_PIXELS,
+    BadSample,
+    DataReport,
+    decode_caption,
+    decode_image,
+    image_to_tensor,
+    resize_crop,
+)
+from holst.utils.runtime import get_logger
+
+log = get_logger("holst.data")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SPLIT_CHOICES = ("train", "test", "test_concept", "test_style", "all")
+
+
+def _check_common(size: int, crop: str, langs: Sequence[str]) -> None:
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size={size!r} must be a positive integer")
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop={crop!r} is not allowed; choose one of {list(CROP_MODES)}")
+    if not langs:
+        raise ValueError("langs must name at least one caption language, e.g. ('ru',)")
+
+
+def _item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """Per-item generator: the same (seed, epoch, index) gives the same random crop in any worker."""
+    return torch.Generator().manual_seed(int(unit_hash(seed, epoch, index) * 2**62))
+
+
+class _MapDataset(Dataset):
+    """Shared logic of the folder and table datasets: records of (path, {lang: caption}, key)."""
+
+    def __init__(self, records: list[tuple[Path, dict[str, str], str]], *, size: int, crop: str,
+                 langs: Sequence[str], seed: int, max_pixels: int) -> None:
+        _check_common(size, crop, langs)
+        self.size, self.crop, self.langs, self.seed, self.max_pixels = size, crop, tuple(langs), seed, max_pixels
+        # one sample per (record, language that the record has): "both languages" doubles the set
+        self.items = [(r, lang) for r in range(len(records)) for lang in self.langs if records[r][1].get(lang)]
+        self.records = records
+        self.epoch = 0
+        self.report = DataReport()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random crops (``crop='random'``) deterministically per epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> dict:
+        """The sample at ``index``; raises BadSample for a bad image (``__getitem__`` skips it)."""
+        r, lang = self.items[index]
+        path, captions, key = self.records[r]
+        image = decode_image(path, max_pixels=self.max_pixels, report=self.report, key=str(path))
+        gen = _item_generator(self.seed, self.epoch, index) if self.crop == "random" else None
+        image = resize_crop(image, self.size, self.crop, generator=gen)
+        return {"image": image_to_tensor(image), "caption": captions[lang], "lang": lang, "key": key}
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} samples")
+        for step in range(min(len(self.items), 1000)):
+            i = (index + step) % len(self.items)
+            self.report.read += 1
+            try:
+                sample = self.load(i)
+            except BadSample as e:
+                self.report.skip(e.reason, str(self.records[self.items[i][0]][0]))
+                log.warning("skipping bad sample: %s", e)
+                continue
+            self.report.kept += 1
+            return sample
+        raise RuntimeError(f"no readable image found near index {index}: {self.report.summary()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder of images + same-named .txt captions
+# ---------------------------------------------------------------------------------------------
+
+
+class FolderDataset(_MapDataset):
+    """Images in a folder tree, each with a caption file of the same stem.
+
+    ``cat.jpg`` takes its caption for language ``ru`` from ``cat.ru.txt`` if present, else ``cat.txt``.
+    Images without any caption file are skipped (counted as ``no_caption``); caption files that are not
+    UTF-8 are counted as ``caption_not_utf8`` and reported with their path.
+
+    Args:
+        root: folder searched recursively for images.
+        size: output side; crop: 'center' | 'random' | 'pad'; langs: caption languages to yield.
+        seed: seed of the random crops; max_pixels: decompression-bomb guard.
+    """
+
+    def __init__(self, root: str | Path, *, size: int = 256, crop: str = "center", langs: Sequence[str] = ("ru",),
+                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        scan = DataReport()
+        records = []
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+            scan.read += 1
+            captions = {}
+            for lang in langs:
+                for txt in (path.with_suffix(f".{lang}.txt"), path.with_suffix(".txt")):
+                    if txt.is_file():
+                        try:
+                            text = decode_caption(txt.read_bytes(), str(txt))
+                        except BadSample as e:
+                            scan.skip(e.reason, str(txt))
+                            log.warning("caption is not UTF-8: %s", txt)
+                            break
+                        if text:
+                            captions[lang] = text
+                        break
+            if not captions:
+                if not any(scan.examples.get(r) == str(path) for r in scan.skipped):
+                    scan.skip("no_caption", str(path))
+                continue
+            scan.kept += 1
+            records.append((path, captions, str(path.relative_to(root).with_suffix(""))))
+        super().__init__(records, size=size, crop=crop, langs=langs, seed=seed, max_pixels=max_pixels)
+        self.scan_report = scan
+        if sum(scan.skipped.values()):
+            log.warning("%s: %s", root, scan.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: JSONL / CSV / Parquet of (path, caption)
+# ---------------------------------------------------------------------------------------------
+
+PATH_KEYS = ("file", "path", "image", "image_path", "filepath")
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a .jsonl/.json/.csv/.tsv/.parquet table as dicts (Parquet needs pyarrow)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+        return data
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); or convert it to JSONL") from e
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unknown table format {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
+
+
+def _split_matches(row_split: str | None, split: str) -> bool:
+    if split == "all":
+        return True
+    if row_split is None:
+        return split == "train"
+    return row_split == split or (split == "test" and str(row_split).startswith("test"))
+
+
+class TableDataset(_MapDataset):
+    """Rows of (image path, caption[s]) from a JSONL / CSV / Parquet table, or a built dataset folder.
+
+    The image column is the first of ``file, path, image, image_path, filepath``; relative paths are
+    resolved against the table's folder. Caption columns are the language codes (``ru``, ``en``); a
+    table with one ``caption`` (or ``text``) column serves it for every language asked for.
+
+    Args:
+        source: a table file, or a folder holding ``captions.jsonl`` (what ``holst data emoji`` writes).
+        split: 'train' | 'test' (all held-out) | 'test_concept' | 'test_style' | 'all'; rows without a
+            ``split`` column count as train.
+        size, crop, langs, seed, max_pixels: as :class:`FolderDataset`.
+    """
+
+    def __init__(self, source: str | Path, *, split: str = "train", size: int = 256, crop: str = "center",
+                 langs: Sequence[str] = ("ru",), seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        source = Path(source)
+        if source.is_dir():
+            source = source / "captions.jsonl"
+        if not source.is_file():
+            raise FileNotFoundError(f"table {source} does not exist")
+        if split not in SPLIT_CHOICES:
+            raise ValueError(f"split={split!r} is not allowed; choose one of {list(SPLIT_CHOICES)}")
+        rows = read_table(source)
+        if rows and not any(k in rows[0] for k in PATH_KEYS):
+            raise ValueError(f"{source}: no image column; expected one of {list(PATH_KEYS)}, got {sorted(rows[0])}")
+        records = []
+        for n, row in enumerate(rows):
+            if not _split_matches(row.get("split"), split):
+                continue
+            rel = next(row[k] for k in PATH_KEYS if row.get(k))
+            path = Path(rel) if Path(rel).is_absolute() else source.parent / rel
+            captions = {}
+            for lang in langs:
+                text = row.get(lang) or row.get("caption") or row.get("text")
+                if isinstance(text, str) and text.strip():
+                    captions[lang] = " ".join(text.split())
+            records.append((path, captions, str(row.get("key") or rel or n)))
+        super().__init__(records, size=size, crop=crop, langs=langs, seed=seed, max_pixels=max_pixels)
+        self.rows = rows
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset tar shards (img2dataset layout)
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Shard paths from a folder (all .tar inside), a glob, a brace range 'x-{000..009}.tar', or a list."""
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in expand_shards(s)]
+    text = str(spec)
+    if "{" in text and ".." in text:
+        head, rest = text.split("{", 1)
+        rng, tail = rest.split("}", 1)
+        lo, hi = rng.split("..")
+        return [p for i in range(int(lo), int(hi) + 1) for p in expand_shards(f"{head}{i:0{len(lo)}d}{tail}")]
+    path = Path(text)
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    if any(c in text for c in "*?["):
+        return [Path(p) for p in sorted(glob.glob(text))]
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} does not exist")
+    return [path]
+
+
+def iter_tar_samples(path: Path, report: DataReport) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream one tar: consecutive members with the same key (name up to the first dot) form a sample."""
+    key, files = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith(".") or "." not in base:
+                    continue
+                dot = name.rfind("/") + 1 + base.index(".")
+                k, ext = name[:dot], name[dot + 1:].lower()
+                if k != key and key is not None:
+                    yield key, files
+                    files = {}
+                key = k
+                f = tar.extractfile(member)
+                files[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        report.skip("corrupt_shard", f"{path}: {e}")
+        log.warning("shard %s is corrupt or truncated after key %s: %s", path, key, e)
+    if key is not None and files:
+        yield key, files
+
+
+class WebDatasetShards(IterableDataset):
+    """Stream samples from img2dataset-style tar shards (``key.jpg|png|webp`` + ``key.txt`` + ``key.json``).
+
+    Sharding: the stream of samples (shards in order, shuffled per epoch when ``shuffle_shards``) is
+    dealt round-robin over all readers (``world_size`` ranks x DataLoader workers): reader ``w`` of
+    ``n`` takes samples ``j`` with ``j % n == w``; when the shard count is a multiple of ``n``, each
+    reader opens only its own shards instead (same positions, less reading).
+
+    Resume: ``start_sample`` is how many samples (bad ones included) the whole job consumed in this
+    epoch; every reader skips exactly the ones it had produced before.
+
+    Args:
+        shards: folder, glob, brace range or list of .tar paths.
+        size, crop, seed, max_pixels: as :class:`FolderDataset`.
+        rank, world_size: this process in a distributed job (defaults: torch.distributed, else 0/1).
+        start_sample: resume position; epoch: selects the shard order when ``shuffle_shards``.
+        caption_ext: extension of the caption member (``txt``; ``ru.txt`` for a language-suffixed one).
+    """
+
+    def __init__(self, shards, *, size: int = 256, crop: str = "center", seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, start_sample: int = 0, epoch: int = 0,
+                 shuffle_shards: bool = False, caption_ext: str = "txt",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__()
+        _check_common(size, crop, ("txt",))
+        self.shards = expand_shards(shards)
+        if not self.shards:
+            raise FileNotFoundError(f"no .tar shards found for {shards!r}")
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if ready else 0 if rank is None else rank
+            world_size = dist.get_world_size() if ready else 1 if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self.size, self.crop, self.seed, self.max_pixels = size, crop, seed, max_pixels
+        self.rank, self.world_size = rank, world_size
+        self.start_sample, self.epoch, self.shuffle_shards = start_sample, epoch, shuffle_shards
+        self.caption_ext = caption_ext
+        self.report = DataReport()
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.epoch, self.start_sample = epoch, start_sample
+
+    def _shard_order(self) -> list[Path]:
+        if not self.shuffle_shards:
+            return list(self.shards)
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        perm = torch.randperm(len(self.shards), generator=gen)
+        return [self.shards[i] for i in perm.tolist()]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        n = self.world_size * workers
+        reader = self.rank * workers + worker
+        shards = self._shard_order()
+        shard_level = len(shards) % n == 0 and n > 1
+        # readers skip their own samples j < start_sample (j % n == reader)
+        to_skip = max(0, math.ceil((self.start_sample - reader) / n))
+        j = 0  # position in this reader's sample stream
+        for s, shard in enumerate(shards):
+            if shard_level and s % n != reader:
+                continue
+            for key, files in iter_tar_samples(shard, self.report):
+                if not shard_level:
+                    j_global = j
+                    j += 1
+                    if j_global % n != reader:
+                        continue
+                    position = j_global // n
+                else:
+                    position = j
+                    j += 1
+                if position < to_skip:
+                    continue
+                sample = self._decode(f"{shard.name}:{key}", files, position)
+                if sample is not None:
+                    yield sample
+        if sum(self.report.skipped.values()):
+            log.info("reader %d/%d: %s", reader, n, self.report.summary())
+
+    def _decode(self, key: str, files: dict[str, bytes], position: int) -> dict | None:
+        self.report.read += 1
+        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        try:
+            if ext is None:
+                raise BadSample("no_image", f"{key}: members {sorted(files)}")
+            if self.caption_ext not in files:
+                raise BadSample("no_caption", f"{key}: no .{self.caption_ext}")
+            caption = decode_caption(files[self.caption_ext], key)
+            image = decode_image(files[ext], max_pixels=self.max_pixels, report=self.report, key=key)
+        except BadSample as e:
+            self.report.skip(e.reason, key)
+            log.warning("skipping bad sample: %s", e)
+            return None
+        gen = _item_generator(self.seed, self.epoch, position * self.world_size + self.rank) \
+            if self.crop == "random" else None
+        image = resize_crop(image, self.size, self.crop, generator=gen)
+        meta = {}
+        if "json" in files:
+            try:
+                meta = json.loads(files["json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.report.converted["bad_json_meta"] += 1
+        self.report.kept += 1
+        return {"image": image_to_tensor(image), "caption": caption, "lang": "txt", "key": key, "meta": meta}
+
+
+def open_dataset(source: str | Path | Sequence[str], **kwargs) -> Dataset:
+    """Pick the loader for ``source``: built-set folder or table file -> TableDataset; .tar shards
+    (file, glob, folder of .tar) -> WebDatasetShards; any other folder -> FolderDataset."""
+    if isinstance(source, (list, tuple)) or str(source).endswith(".tar") or any(c in str(source) for c in "*{"):
+        return WebDatasetShards(source, **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
+    path = Path(source)
+    if path.is_dir() and (path / "captions.jsonl").is_file():
+        return TableDataset(path, **kwargs)
+    if path.is_dir() and any(path.glob("*.tar")):
+        return WebDatasetShards(path, **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
+    if path.is_dir():
+        return FolderDataset(path, **{k: v for k, v in kwargs.items() if k != "split"})
+    return TableDataset(path, **kwargs)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch samples: images stacked to (B, 3, H, W), other fields as lists."""
+    out = {"image": torch.stack([s["image"] for s in samples])}
+    for k in samples[0]:
+        if k != "image":
+            out[k] = [s[k] for s in samples]
+    return out
+
+
+def image_bytes_of(image, fmt: str = "PNG") -> bytes:
+    """Encode a PIL image (for writing shards and fixtures)."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
