@@ -1,0 +1,279 @@
+"""Pipeline directories: one sub-folder per component plus ``pipeline.json`` (INTERFACES.md).
+
+```
+models/default/
+  pipeline.json        PipelineConfig: components, sampling defaults, model card fields
+  README.md            the model card, written from pipeline.json
+  tokenizer/           bpe.model (+ config.json)
+  vqgan/  dalle/       config.json + model.safetensors each
+  clip/                config.json + model.safetensors, clip/tokenizer/bpe.model   (optional)
+  superres/            config.json + model.safetensors                              (optional)
+```
+Nothing is downloaded: a pipeline directory is a local path. Weights load through safetensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from holst.config import ConfigError, PipelineConfig
+from holst.utils.persist import CheckpointError, atomic_write_bytes
+
+PIPELINE_CONFIG_NAME = "pipeline.json"
+CLIP_TOKENIZER_DIR = "tokenizer"  # inside clip/
+
+
+@dataclasses.dataclass
+class PipelineComponents:
+    """The modules a pipeline bundles. ``clip`` and ``clip_tokenizer`` come together or not at all."""
+
+    tokenizer: Any  # holst.text.BPETokenizer
+    vqgan: Any  # holst.vqgan.VQGAN
+    dalle: Any  # holst.dalle.DalleModel
+    clip: Any | None = None  # holst.rerank.clip.CLIPModel
+    clip_tokenizer: Any | None = None  # holst.text.BPETokenizer
+    superres: Any | None = None  # holst.superres.RRDBNet
+
+    def names(self) -> tuple[str, ...]:
+        """Component names present, in the canonical order of ``pipeline.json``."""
+        names = ["tokenizer", "vqgan", "dalle"]
+        if self.clip is not None:
+            names.append("clip")
+        if self.superres is not None:
+            names.append("superres")
+        return tuple(names)
+
+    def check(self) -> None:
+        """Raise ConfigError when the components do not fit together (sizes named in the message)."""
+        dcfg = self.dalle.config
+        n_embed = self.vqgan.config.n_embed
+        if n_embed != dcfg.image_vocab_size:
+            raise ConfigError(f"vqgan n_embed={n_embed} differs from dalle image_vocab_size={dcfg.image_vocab_size}: "
+                              "the transformer was trained on another VQGAN's codes")
+        if self.tokenizer.vocab_size > dcfg.bpe_vocab_size:
+            raise ConfigError(f"tokenizer vocab_size={self.tokenizer.vocab_size} exceeds the transformer's "
+                              f"{dcfg.bpe_vocab_size} BPE rows (vocab_size - text_seq_length)")
+        if (self.clip is None) != (self.clip_tokenizer is None):
+            raise ConfigError("clip and clip_tokenizer must be given together")
+        if self.clip is not None and self.clip_tokenizer.vocab_size > self.clip.config.vocab_size:
+            raise ConfigError(f"clip tokenizer vocab_size={self.clip_tokenizer.vocab_size} exceeds the CLIP "
+                              f"model's vocab_size={self.clip.config.vocab_size}")
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    """True if ``path`` holds a ``pipeline.json``."""
+    return (Path(path) / PIPELINE_CONFIG_NAME).is_file()
+
+
+def read_pipeline_config(directory: str | Path) -> PipelineConfig:
+    """Read ``pipeline.json``; errors name the directory and what is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"pipeline directory {directory} does not exist")
+    path = directory / PIPELINE_CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a holst pipeline directory: {PIPELINE_CONFIG_NAME} is missing "
+                              "(make one with Text2ImagePipeline.save_pretrained or scripts/build_default_model.sh)")
+    return PipelineConfig.load_json(path)
+
+
+def save_pipeline(directory: str | Path, components: PipelineComponents, config: PipelineConfig,
+                  dtype: torch.dtype | None = None) -> None:
+    """Write every component into its sub-folder, then ``pipeline.json`` and a model card.
+
+    Args:
+        directory: created if missing; existing component files are overwritten (each atomically).
+        components: the modules (their own ``save_pretrained`` writes config.json + weights).
+        config: sampling defaults and model card; its ``components`` field is set from ``components``.
+        dtype: cast the transformer's and CLIP's floating weights (e.g. torch.float16 halves the files);
+            the VQGAN and the super-resolution net are always saved as they are.
+    """
+    components.check()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = config.replace(components=components.names())
+    components.tokenizer.save_pretrained(directory / "tokenizer")
+    components.vqgan.save_pretrained(directory / "vqgan")
+    components.dalle.save_pretrained(directory / "dalle", dtype=dtype)
+    if components.clip is not None:
+        components.clip.save_pretrained(directory / "clip", dtype=dtype)
+        components.clip_tokenizer.save_pretrained(directory / "clip" / CLIP_TOKENIZER_DIR)
+    if components.superres is not None:
+        components.superres.save_pretrained(directory / "superres")
+    atomic_write_bytes(directory / "README.md", model_card(config, components).encode("utf-8"))
+    # pipeline.json last: a directory without it is recognisably incomplete.
+    text = json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(directory / PIPELINE_CONFIG_NAME, text.encode("utf-8"))
+
+
+def load_pipeline(directory: str | Path, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> tuple[PipelineComponents, PipelineConfig]:
+    """Load every component listed in ``pipeline.json``.
+
+    Args:
+        directory: a pipeline directory.
+        device: where all modules go.
+        dtype: floating dtype of the transformer and CLIP (None keeps the files' dtype); the VQGAN and
+            super-resolution stay float32 (16-bit VQGAN decoders produce artefacts).
+    Returns:
+        (components, config).
+    """
+    from holst.dalle import DalleModel
+    from holst.text import BPETokenizer
+    from holst.vqgan import VQGAN
+
+    directory = Path(directory)
+    config = read_pipeline_config(directory)
+    for name in config.components:
+        if not (directory / name).is_dir():
+            raise CheckpointError(f"{directory / PIPELINE_CONFIG_NAME} lists component {name!r} but "
+                                  f"{directory / name} does not exist")
+    parts = PipelineComponents(
+        tokenizer=BPETokenizer.from_pretrained(directory / "tokenizer"),
+        vqgan=VQGAN.from_pretrained(directory / "vqgan", device=device, dtype=torch.float32),
+        dalle=DalleModel.from_pretrained(directory / "dalle", device=device, dtype=dtype),
+    )
+    if "clip" in config.components:
+        from holst.rerank.clip import CLIPModel
+
+        parts.clip = CLIPModel.from_pretrained(directory / "clip", device=device, dtype=dtype)
+        parts.clip_tokenizer = BPETokenizer.from_pretrained(directory / "clip" / CLIP_TOKENIZER_DIR)
+    if "superres" in config.components:
+        from holst.superres import RRDBNet
+
+        parts.superres = RRDBNet.from_pretrained(directory / "superres", device=device, dtype=torch.float32)
+    parts.check()
+    return parts, config
+
+
+def model_card(config: PipelineConfig, components: PipelineComponents) -> str:
+    """A short Markdown model card: what is inside, how to use it, sampling defaults."""
+    dcfg = components.dalle.config
+    size = dcfg.image_tokens_per_dim * components.vqgan.downsample_factor
+    n_params = sum(p.numel() for p in components.dalle.parameters())
+    lines = [
+        f"# {config.name or 'holst text-to-image pipeline'}",
+        "",
+        config.description or "A ruDALL-E-style text-to-image pipeline made with holst.",
+        "",
+        f"- components: {', '.join(components.names())}",
+        f"- transformer: {dcfg.num_layers} layers, hidden {dcfg.hidden_size}, {n_params / 1e6:.1f}M parameters",
+        f"- images: {size}x{size} px from {dcfg.image_tokens_per_dim}x{dcfg.image_tokens_per_dim} codes "
+        f"of a {dcfg.image_vocab_size}-entry codebook; captions up to {dcfg.text_seq_length} tokens",
+        f"- language: {config.language}; license: {config.license}",
+        f"- training data: {config.training_data or 'not recorded'}",
+        f"- sampling defaults: top_k={config.top_k}, top_p={config.top_p}, temperature={config.temperature}, "
+        f"guidance_scale={config.guidance_scale}",
+        "",
+        "```python",
+        "from holst import Text2ImagePipeline",
+        "pipe = Text2ImagePipeline.from_pretrained('path/to/this/dir')",
+        "out = pipe('your caption', num_images=4, seed=0)",
+        "out.images[0].save('best.png')",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Untrained pipelines from presets (tests, demos, the CLI's fallback)
+# --------------------------------------------------------------------------------------------
+
+# preset -> (dalle preset, vqgan preset, clip preset); 'tiny' is for unit tests, 'emoji' has the default model's shape.
+RANDOM_PRESETS: dict[str, tuple[str, str, str]] = {
+    "tiny": ("tiny", "tiny", "tiny"),
+    "emoji": ("emoji", "emoji64", "emoji64"),
+}
+
+# A small fixed corpus so that a random pipeline's tokenizer is a pure function of the code.
+_CORPUS_WORDS = (
+    "красный синий зелёный жёлтый чёрный белый круг квадрат треугольник звезда кот собака дом дерево "
+    "солнце луна яблоко машина цветок птица рыба большой маленький на фоне слева справа сверху снизу "
+    "red blue green yellow black white circle square triangle star cat dog house tree sun moon apple "
+    "car flower bird fish big small on the left right top bottom background a an of with and"
+).split()
+
+
+def random_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """n short pseudo-captions from a fixed word list (deterministic for a seed)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(_CORPUS_WORDS), (n, 5), generator=g).tolist()
+    return [" ".join(_CORPUS_WORDS[i] for i in row) for row in idx]
+
+
+def build_random_components(preset: str = "tiny", *, seed: int = 0, clip: bool = True, superres: bool = True
+                            ) -> tuple[PipelineComponents, PipelineConfig]:
+    """Untrained modules of matching sizes, weights a pure function of ``seed`` (no training, no files).
+
+    Args:
+        preset: a key of :data:`RANDOM_PRESETS`.
+        seed: seeds a local torch.Generator for the weights (global RNGs are left alone).
+        clip, superres: include a random CLIP ranker / a 2x super-resolution net.
+    Returns:
+        (components, config); the config's sampling defaults suit the tiny vocabularies.
+    """
+    from holst.dalle import DalleModel
+    from holst.presets import get_preset
+    from holst.text import BPETokenizer
+    from holst.vqgan import VQGAN, get_vqgan_preset
+
+    if preset not in RANDOM_PRESETS:
+        raise ConfigError(f"unknown random pipeline preset {preset!r}; choose one of {sorted(RANDOM_PRESETS)}")
+    dalle_name, vqgan_name, clip_name = RANDOM_PRESETS[preset]
+    dcfg = get_preset(dalle_name)
+    vcfg = get_vqgan_preset(vqgan_name)
+    if vcfg.resolution // (2 ** (len(vcfg.ch_mult) - 1)) != dcfg.image_tokens_per_dim:
+        raise ConfigError(f"random preset {preset!r}: VQGAN {vqgan_name} does not give "
+                          f"{dcfg.image_tokens_per_dim}x{dcfg.image_tokens_per_dim} codes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small corpus runs out of merges before a large vocab_size
+        tokenizer = BPETokenizer.train(random_corpus(seed=seed), vocab_size=dcfg.bpe_vocab_size)
+    modules: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(seed)
+    with _seeded(g):
+        modules["vqgan"] = VQGAN(vcfg).eval()
+        modules["dalle"] = DalleModel(dcfg).eval()
+        if clip:
+            from holst.rerank.clip import CLIPModel, clip_preset
+
+            ccfg = clip_preset(clip_name, vocab_size=max(tokenizer.vocab_size, clip_preset(clip_name).vocab_size))
+            modules["clip"] = CLIPModel(ccfg).eval()
+        if superres:
+            from holst.config import SuperResConfig
+            from holst.superres import RRDBNet
+
+            modules["superres"] = RRDBNet(SuperResConfig(num_feat=8, num_block=1, num_grow_ch=8, scale=2)).eval()
+    parts = PipelineComponents(tokenizer=tokenizer, vqgan=modules["vqgan"], dalle=modules["dalle"],
+                               clip=modules.get("clip"), clip_tokenizer=tokenizer if clip else None,
+                               superres=modules.get("superres"))
+    config = PipelineConfig(num_images=4, top_k=min(64, dcfg.image_vocab_size), top_p=0.99, batch_size=8,
+                            name=f"untrained {preset} pipeline (seed {seed})",
+                            description="Random weights: for tests and demos only; the images are noise.",
+                            training_data="none")
+    return parts, config.replace(components=parts.names())
+
+
+class _seeded:
+    """Run module constructors with torch's default RNG drawn from ``g``, restoring the global state after.
+
+    Module initialisers use the global RNG; forking it keeps library code from changing the caller's
+    random stream while making the weights a function of ``g``'s seed.
+    """
+
+    def __init__(self, g: torch.Generator) -> None:
+        self.g = g
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.g)))
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)

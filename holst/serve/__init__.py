@@ -1,0 +1,1 @@
+"""holst serve: the HTTP API, event stream and web page over one pipeline (see app.py)."""
