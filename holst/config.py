@@ -555,7 +555,6 @@ class SuperResTrainConfig(TrainConfig):
     blur_sigma: tuple[float, float] = (0.2, 1.5)
     noise_std: tuple[float, float] = (0.0, 0.03)
     jpeg_quality: tuple[int, int] = (40, 95)
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -566,8 +565,6 @@ class SuperResTrainConfig(TrainConfig):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                    f"{name}={getattr(self, name)!r} must be a positive integer")
         _check(isinstance(self.num_block, int) and self.num_block >= 0, f"num_block={self.num_block!r} must be >= 0")
-        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
-               f"num_workers={self.num_workers!r} must be an integer >= 0")
         unit = self.scale * {1: 4, 2: 2}.get(self.scale, 1)
         _check(self.hr_size % unit == 0, f"hr_size={self.hr_size} must be a multiple of {unit} for scale={self.scale}")
         check_prob("classic_prob", self.classic_prob)
@@ -577,3 +574,215 @@ class SuperResTrainConfig(TrainConfig):
                    f"{name}={value!r} must be two numbers [min, max] with {low} <= min <= max")
             setattr(self, name, value)
         _check(self.jpeg_quality[1] <= 100, f"jpeg_quality={self.jpeg_quality!r}: qualities lie in [1, 100]")
+
+
+# --------------------------------------------------------------------------------------------
+# Text tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TokenizerConfig(ConfigBase):
+    """How a BPE text tokenizer is trained and how captions become ``text_ids`` (reference.md §3).
+
+    ``vocab_size`` counts every BPE id including the four special ids (16384 for ruDALL-E's
+    ``bpe.model``). ``keep_eos=False`` is ruDALL-E's convention (a caption that is too long loses its
+    eos); ``keep_eos=True`` is ruCLIP's (the last kept id is always eos). ``bpe_dropout`` is the
+    training-time BPE-dropout probability; inference always encodes with 0. ``coverage`` is
+    YouTokenToMe's character coverage used when training: the rarest characters covering at most
+    ``1 - coverage`` of the text are left out of the alphabet (they encode as unk).
+    """
+
+    vocab_size: int = 16384
+    text_seq_length: int = 128
+    lowercase: bool = True
+    keep_eos: bool = False
+    bpe_dropout: float = 0.0
+    coverage: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.vocab_size, int) and self.vocab_size >= 2,
+               f"vocab_size={self.vocab_size!r} must be an integer >= 2 (at least unk and '▁')")
+        _check(isinstance(self.text_seq_length, int) and self.text_seq_length >= 2,
+               f"text_seq_length={self.text_seq_length!r} must be an integer >= 2 (room for bos and eos)")
+        check_choice("lowercase", self.lowercase, (True, False))
+        check_choice("keep_eos", self.keep_eos, (True, False))
+        check_prob("bpe_dropout", self.bpe_dropout)
+        _check(0.0 < self.coverage <= 1.0, f"coverage={self.coverage!r} must lie in (0, 1]")
+
+
+@dataclasses.dataclass
+class DalleTrainConfig(TrainConfig):
+    """``holst train dalle``: train the transformer from scratch or fine-tune a converted checkpoint.
+
+    Data: ``codes`` (pre-computed code shards, globs allowed) or ``images`` (a dataset folder) encoded
+    on the fly with the VQGAN in ``vqgan``. Captions go through BPE-dropout (``bpe_dropout``) and are
+    emptied with probability ``empty_caption_prob`` so classifier-free guidance works.
+    Fine-tuning: ``init_from`` (a DalleModel directory), ``freeze`` (globs over parameter names,
+    e.g. the Emojich recipe ``transformer.layers.*.attention.*`` + ``transformer.layers.*.mlp.*``),
+    ``loss_img_weight`` (>= 0 overrides the model's; Emojich used 1000), LoRA (``lora_rank`` > 0).
+    """
+
+    model: str = "emoji"
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: str = ""
+    attn_impl: str = "sdpa"
+    tokenizer: str = ""
+    codes: list[str] = dataclasses.field(default_factory=list)
+    images: str = ""
+    vqgan: str = ""
+    bpe_dropout: float = 0.1
+    empty_caption_prob: float = 0.1
+    loss_img_weight: float = -1.0
+    freeze: list[str] = dataclasses.field(default_factory=list)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: [
+        "*.attention.query_key_value", "*.attention.dense", "*.mlp.dense_h_to_4h", "*.mlp.dense_4h_to_h"])
+    sample_prompts: list[str] = dataclasses.field(default_factory=list)
+    sample_top_k: int = 256
+    sample_top_p: float = 0.99
+    save_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("attn_impl", self.attn_impl, ("sdpa", "math"))
+        check_choice("save_dtype", self.save_dtype, ("fp32", "bf16", "fp16"))
+        check_prob("bpe_dropout", self.bpe_dropout)
+        check_prob("empty_caption_prob", self.empty_caption_prob)
+        check_prob("lora_dropout", self.lora_dropout)
+        _check(isinstance(self.lora_rank, int) and self.lora_rank >= 0, f"lora_rank={self.lora_rank!r} must be >= 0")
+        check_positive("lora_alpha", self.lora_alpha)
+        _check(isinstance(self.sample_top_k, int) and self.sample_top_k >= 0,
+               f"sample_top_k={self.sample_top_k!r} must be an integer >= 0")
+        check_prob("sample_top_p", self.sample_top_p)
+        _check(isinstance(self.model_overrides, dict), f"model_overrides={self.model_overrides!r} must be a mapping")
+        if isinstance(self.codes, str):
+            self.codes = [self.codes]
+        for name in ("codes", "freeze", "lora_targets", "sample_prompts"):
+            value = getattr(self, name)
+            _check(isinstance(value, list) and all(isinstance(v, str) for v in value),
+                   f"{name}={value!r} must be a list of strings")
+        _check(not (self.codes and self.images), "give either codes (code shards) or images (+ vqgan), not both")
+        _check(not self.images or bool(self.vqgan), "images= needs vqgan= (a VQGAN directory) to encode on the fly")
+
+
+@dataclasses.dataclass
+class ClipTrainConfig(TrainConfig):
+    """``holst train clip``: contrastive training of a CLIP on image-caption pairs (our BPE tokenizer).
+
+    ``preset`` + ``model_overrides`` give the ClipConfig (``holst.rerank.clip.CLIP_PRESETS``);
+    ``init_from`` fine-tunes an existing CLIP directory instead (e.g. a converted ruCLIP, whose own
+    tokenizer is then used). ``data`` is a dataset directory of holst.data; ``eval_splits`` are its
+    held-out splits, on which image->text and text->image R@1 / R@5 are reported. ``caption_lang``
+    'both' pairs each image with a random one of its captions (e.g. Russian or English) each time.
+    ``tokenizer``: a tokenizer directory / bpe.model file, or None to train one on the training
+    captions with ``tokenizer_vocab_size`` ids. ``max_minutes`` > 0 stops training after that
+    wall-clock time (the schedule still assumes ``max_steps``).
+    """
+
+    out_dir: str = "runs/clip"
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    preset: str = "emoji64"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    init_from: str | None = None
+    data: str = "data/emoji"
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = ("test_concept", "test_style")
+    caption_lang: str = "both"
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 2048
+    bpe_dropout: float = 0.0
+    eval_every: int = 250
+    eval_max_images: int = 1000
+    max_minutes: float = 0.0
+    logit_scale_max: float = 100.0
+    preload: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("caption_lang", self.caption_lang, ("ru", "en", "both"))
+        check_prob("bpe_dropout", self.bpe_dropout)
+        for name in ("eval_every", "eval_max_images", "tokenizer_vocab_size", "num_workers"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                   f"{name}={getattr(self, name)!r} must be an integer >= 0")
+        check_positive("max_minutes", self.max_minutes, allow_zero=True)
+        _check(self.logit_scale_max > 1.0, f"logit_scale_max={self.logit_scale_max!r} must be > 1")
+        _check(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of ClipConfig fields")
+        _check(self.batch_size >= 2, f"batch_size={self.batch_size} must be >= 2 for a contrastive loss")
+
+
+@dataclasses.dataclass
+class VQGANTrainConfig(TrainConfig):
+    """``holst train vqgan``: train a VQGAN from scratch (or continue from ``init_from``).
+
+    Model: ``model`` (a preset of ``holst.vqgan.presets``: sber, emoji64, small128, tiny) plus
+    ``model_overrides`` (VQGANConfig fields). Data: ``data`` = a holst dataset folder
+    (``captions.jsonl`` with ``file``/``split``: 'train' rows train, the other splits are held out)
+    or any folder of images (a seeded ``num_val`` images are held out). Losses: ``l1_weight`` /
+    ``l2_weight`` reconstruction, ``perceptual_weight`` (EfficientNet-Lite0 features; 0 = off, no
+    extra package needed), PatchGAN (``disc_weight`` > 0, adaptive weight, from ``disc_start``), the
+    quantizer's own loss (commitment, or Gumbel KL ramped in over ``kl_warmup_steps``). Gumbel
+    temperature: cosine from ``temp_start`` to ``temp_end`` over ``temp_anneal_steps`` (0 = max_steps).
+    Nearest-neighbour quantizers restart codes whose EMA usage per batch falls below ``restart_threshold``.
+    """
+
+    out_dir: str = "runs/vqgan"
+    model: str = "emoji64"
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: str = ""
+    data: str = ""
+    image_size: int = 64
+    num_val: int = 64
+    hflip: bool = True
+    batch_size: int = 32
+    max_steps: int = 3000
+    lr: float = 4e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.5, 0.9)
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_ndf: int = 64
+    disc_layers: int = 3
+    disc_lr: float = 0.0
+    temp_start: float = 0.9
+    temp_end: float = 1e-6
+    temp_anneal_steps: int = 0
+    gumbel_hard: bool = False
+    kl_weight: float = -1.0
+    kl_warmup_steps: int = 0
+    restart_threshold: float = 0.5
+    eval_every: int = 500
+    cache_images: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(isinstance(self.model_overrides, dict), f"model_overrides={self.model_overrides!r} must be a mapping")
+        for name in ("image_size", "batch_size"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("num_val", "disc_start", "temp_anneal_steps", "kl_warmup_steps", "eval_every", "num_workers"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                   f"{name}={getattr(self, name)!r} must be an integer >= 0")
+        for name in ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "disc_lr", "restart_threshold"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        _check(self.l1_weight + self.l2_weight + self.perceptual_weight > 0,
+               "l1_weight, l2_weight and perceptual_weight are all 0: nothing to reconstruct with")
+        check_positive("temp_start", self.temp_start)
+        check_positive("temp_end", self.temp_end)
+        _check(self.kl_weight == -1.0 or self.kl_weight >= 0,
+               f"kl_weight={self.kl_weight!r} must be >= 0, or -1 for the model config's value")
+        _check(self.disc_layers >= 1 and self.disc_ndf >= 1,
+               f"disc_layers={self.disc_layers!r} and disc_ndf={self.disc_ndf!r} must be >= 1")

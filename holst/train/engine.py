@@ -173,6 +173,19 @@ class Engine:
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, handler)
 
+    def seed_everything(self, seed: int) -> None:
+        """Seed Python, NumPy and torch (CPU + CUDA) with ``seed + rank``, for dropout etc.
+
+        Called by trainers at a fresh start (a resume restores the saved states instead); ranks
+        differ so that their dropout masks differ.
+        """
+        import numpy as np
+
+        s = int(seed) + self.rank
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
