@@ -1,0 +1,76 @@
+"""``holst train tokenizer``: learn a BPE text tokenizer from caption files (one caption per line).
+
+Example::
+
+    holst train tokenizer captions_ru.txt captions_en.txt --vocab-size 16384 --out models/my/tokenizer
+
+writes ``models/my/tokenizer/bpe.model`` (YouTokenToMe format) and ``config.json``; with ``--out x.model``
+(a path ending in ``.model``) only the model file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from holst.config import TokenizerConfig
+from holst.utils.runtime import get_logger
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", type=Path, help="UTF-8 text file(s) of captions, one per line")
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help="total ids including the 4 special ids (ruDALL-E: 16384)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (bpe.model + config.json), or a file path ending in .model")
+    parser.add_argument("--coverage", type=float, default=1.0,
+                        help="character coverage in (0, 1]: the rarest characters beyond it become unk (default 1)")
+    parser.add_argument("--no-lowercase", dest="lowercase", action="store_false",
+                        help="keep case (default: lower-case captions, as ruDALL-E encodes them)")
+    parser.add_argument("--text-seq-length", type=int, default=128, help="stored in config.json (default 128)")
+    parser.add_argument("--keep-eos", action="store_true",
+                        help="stored in config.json: truncate keeping eos (ruCLIP convention)")
+    parser.add_argument("--bpe-dropout", type=float, default=0.0,
+                        help="stored in config.json: BPE-dropout probability for training the transformer")
+
+
+def _read_lines(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    yield line.rstrip("\n")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start} of a chunk)") from e
+        except OSError as e:
+            raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from e
+
+
+def main(args: argparse.Namespace) -> int:
+    from holst.config import ConfigError
+    from holst.text.tokenizer import BPETokenizer, TokenizerError
+
+    log = get_logger("holst.text")
+    try:
+        config = TokenizerConfig(vocab_size=args.vocab_size, text_seq_length=args.text_seq_length,
+                                 lowercase=args.lowercase, keep_eos=args.keep_eos, bpe_dropout=args.bpe_dropout,
+                                 coverage=args.coverage)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from e
+    start = time.perf_counter()
+    try:
+        tok = BPETokenizer.train(_read_lines(args.inputs), args.vocab_size, coverage=args.coverage,
+                                 lowercase=args.lowercase, config=config)
+    except TokenizerError as e:
+        raise SystemExit(f"error: {e}") from e
+    out: Path = args.out
+    if out.suffix == ".model":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(out)
+    else:
+        tok.save_pretrained(out)
+    log.info("trained BPE: %d ids (%d characters, %d merges) in %.1f s -> %s", tok.vocab_size,
+             tok.num_chars, tok.num_merges, time.perf_counter() - start, out)
+    return 0
