@@ -1,0 +1,239 @@
+"""Image-token generation speed: holst's incremental sampler vs a reference-style loop, same run.
+
+Builds a preset with random weights ('emoji' on CPU, 'malevich' on CUDA unless --preset is given) and,
+for each batch size, times ``holst.sampling.sample_image_codes`` (static KV cache, one new token per
+step, image rows of the head only) next to a re-implementation of the reference's generation loop
+(reference.md §1.7 / peers.md §5): every step re-embeds the whole sequence, runs every LayerNorm and
+residual over it, projects only new tokens but grows K/V/attention-output caches with torch.cat,
+multiplies a dense [B, 1, L, L] float mask by the layer mask, masks with -10000, computes the full
+24704-style logits for every position, and samples with top-k/top-p + torch.multinomial.
+
+Reports images/s, ms per token step (whole call / N), peak memory (CUDA: max allocated; CPU: peak
+RSS growth during the call, sampled every 2 ms) and the speed-up. Prints one JSON object.
+
+    .venv/bin/python bench/generate.py [--preset emoji] [--batch-sizes 1,8] [--dtype fp32] [--int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from holst.dalle import DalleModel
+from holst.dalle.attention import attention_math
+from holst.dalle.quant import quantize_linear_layers, weight_bytes
+from holst.presets import get_preset
+from holst.sampling import filter_logits, sample_image_codes
+from holst.utils.runtime import resolve_device, resolve_dtype
+
+# --------------------------------------------------------------------------------------------
+# The reference-style loop (baseline)
+# --------------------------------------------------------------------------------------------
+
+
+def reference_style_forward(model: DalleModel, ids: torch.Tensor, dense_mask: torch.Tensor,
+                            cache: list | None) -> tuple[torch.Tensor, list]:
+    """One cached call as the reference makes it (reference.md §1.7): full re-embedding, full-length
+    LayerNorms/residuals, qkv/MLP only for uncached positions, torch.cat caches, all-position logits."""
+    x = model.embed(ids)  # [B, S, H]
+    S = x.shape[1]
+    masks = model.layer_masks(x.device)
+    past = 0 if cache is None else cache[0][0].shape[2]
+    new_cache = []
+    layers = model.transformer.layers
+    for i, (layer, kind) in enumerate(zip(layers, model.transformer.mask_kinds)):
+        mask = dense_mask[:, :, :S, :S] * masks[kind][:S, :S]  # [B, 1, S, S] float, rebuilt every layer
+        ln = layer.input_layernorm(x)  # full sequence
+        q, k, v = layer.attention.qkv(ln[:, past:])  # new positions only
+        attn_out_cached = None
+        if cache is not None:
+            k = torch.cat([cache[i][0], k], dim=2)
+            v = torch.cat([cache[i][1], v], dim=2)
+            attn_out_cached = cache[i][2]
+        ctx = attention_math(q, k, v, mask[:, :, past:] > 0, layer.attention.pb_relax)
+        attn_out = layer.attention.project_out(ctx)
+        if attn_out_cached is not None:
+            attn_out = torch.cat([attn_out_cached, attn_out], dim=1)
+        h = layer.attn_residual(x, attn_out)  # full sequence
+        ln2 = layer.post_attention_layernorm(h)
+        m = layer.mlp(ln2[:, past:])
+        last = i == len(layers) - 1
+        if cache is not None:  # the reference keeps garbage (non-last) or cached MLP outputs for past positions
+            m = torch.cat([cache[i][3] if last and len(cache[i]) > 3 else ln2[:, :past], m], dim=1)
+        if layer.sandwich:
+            m = layer.before_second_addition_layernorm(m)
+        new_cache.append((k, v, attn_out, m) if last else (k, v, attn_out))
+        x = h + m
+    return model.to_logits(model.transformer.final_layernorm(x)), new_cache
+
+
+def reference_style_generate(model: DalleModel, text_ids: torch.Tensor, top_k: int, top_p: float,
+                             generator: torch.Generator | None) -> torch.Tensor:
+    """The reference's generate_images loop for one batch (no image prompts). Returns (B, N) codes."""
+    cfg = model.config
+    B, T, N, Vt = text_ids.shape[0], cfg.text_seq_length, cfg.image_seq_length, cfg.vocab_size
+    L = cfg.total_seq_length
+    dense_mask = torch.tril(torch.ones(B, 1, L, L, device=text_ids.device))  # as pipelines.py builds it
+    out, cache = text_ids, None
+    for _ in range(N):
+        logits, cache = reference_style_forward(model, out, dense_mask, cache)
+        logits = logits[:, -1, Vt:].float()
+        probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        out = torch.cat([out, nxt], dim=1)
+    return out[:, T:]
+
+
+def check_baseline(model: DalleModel, steps: int = 3) -> float:
+    """Max |logit difference| between the baseline's cached calls and a plain forward (sanity)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, cfg.bpe_vocab_size, (2, cfg.text_seq_length), generator=g)
+    ids = ids.to(model.image_embeddings.weight.device)
+    L = cfg.total_seq_length
+    dense = torch.tril(torch.ones(2, 1, L, L, device=ids.device))
+    cache, worst = None, 0.0
+    for _ in range(steps):
+        logits, cache = reference_style_forward(model, ids, dense, cache)
+        full = model(ids)
+        worst = max(worst, (logits[:, -1] - full[:, -1]).abs().max().item())
+        ids = torch.cat([ids, logits[:, -1, cfg.vocab_size:].argmax(-1, keepdim=True)], dim=1)
+    return worst
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Peak resident-set growth (bytes) while the context is open, sampled every 2 ms (Linux)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def measure(fn, device: torch.device, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds and peak memory (MB) of ``fn()``."""
+    best, peak_mb = math.inf, 0.0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss, torch.inference_mode():
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        best = min(best, dt)
+        mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.growth
+        peak_mb = max(peak_mb, mem / 2**20)
+    return {"seconds": best, "peak_mem_mb": round(peak_mb, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=None, help="default: emoji on CPU, malevich on CUDA")
+    ap.add_argument("--batch-sizes", default=None, help="comma list (default 1,8 on CPU; 1,8,32 on CUDA)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (model weights)")
+    ap.add_argument("--int8", action="store_true", help="int8 weight-only linear layers for holst's path")
+    ap.add_argument("--static-cache", action="store_true", help="fixed-shape decode steps")
+    ap.add_argument("--cuda-graph", action="store_true", help="CUDA graph decode step (CUDA only)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="holst path only (baseline has no CFG)")
+    ap.add_argument("--top-k", type=int, default=2048)
+    ap.add_argument("--top-p", type=float, default=0.995)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (set once here)")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--baseline-max-batch", type=int, default=64, help="skip the slow baseline above this batch")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    preset = args.preset or ("malevich" if device.type == "cuda" else "emoji")
+    sizes = [int(s) for s in (args.batch_sizes or ("1,8,32" if device.type == "cuda" else "1,8")).split(",")]
+    cfg = get_preset(preset, embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = DalleModel(cfg).to(device=device, dtype=dtype).eval()
+    baseline_model = model
+    if args.int8:
+        baseline_model = DalleModel(cfg).to(device=device, dtype=dtype).eval()
+        baseline_model.load_state_dict(model.state_dict())
+        quantize_linear_layers(model)
+    N = cfg.image_seq_length
+    report = {
+        "bench": "generate", "preset": preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "int8": args.int8, "static_cache": args.static_cache, "cuda_graph": args.cuda_graph,
+        "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
+        "threads": torch.get_num_threads(), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus" if device.type == "cpu" else torch.cuda.get_device_name(),
+        "image_tokens": N, "weights_mb": round(weight_bytes(model) / 2**20, 1), "results": [],
+    }
+    with torch.inference_mode():
+        report["baseline_logit_check_max_abs"] = check_baseline(baseline_model)
+    g = torch.Generator().manual_seed(0)
+    warm_text = torch.randint(4, cfg.bpe_vocab_size, (1, cfg.text_seq_length), generator=g).to(device)
+    sample_image_codes(model, warm_text, top_k=args.top_k, top_p=args.top_p, seeds=[0])  # first-call costs
+    for bs in sizes:
+        text = torch.randint(4, cfg.bpe_vocab_size, (bs, cfg.text_seq_length), generator=g).to(device)
+        text[:, cfg.text_seq_length // 2 :] = 0
+        ours = measure(lambda text=text, bs=bs: sample_image_codes(
+            model, text, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale,
+            seeds=list(range(bs)), static_cache=args.static_cache, cuda_graph=args.cuda_graph), device, args.repeats)
+        row = {"batch_size": bs, "holst": _rates(ours, bs, N)}
+        if not args.no_baseline and bs <= args.baseline_max_batch:
+            gen = torch.Generator(device=device).manual_seed(0)
+            ref = measure(lambda text=text, gen=gen: reference_style_generate(
+                baseline_model, text, args.top_k, args.top_p, gen), device, 1)
+            row["reference_style"] = _rates(ref, bs, N)
+            row["speedup"] = round(ref["seconds"] / ours["seconds"], 2)
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps(report, indent=2))
+
+
+def _rates(m: dict, bs: int, N: int) -> dict:
+    return {"seconds": round(m["seconds"], 4), "images_per_s": round(bs / m["seconds"], 3),
+            "s_per_image": round(m["seconds"] / bs, 4), "ms_per_token_step": round(1000 * m["seconds"] / N, 3),
+            "peak_mem_mb": m["peak_mem_mb"]}
+
+
+if __name__ == "__main__":
+    main()
