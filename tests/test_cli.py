@@ -1,0 +1,90 @@
+"""``holst generate``: files written, byte-identical reproduction from the recorded seed, errors, fallback."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+from PIL import Image
+
+from holst import generate_cli
+from holst.cli import main
+from holst.pipeline import Text2ImagePipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread is ~50x faster than two fighting over a loaded 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    Text2ImagePipeline.from_random("tiny", seed=2).save_pretrained(d)
+    return d
+
+
+def test_generate_writes_pngs_grid_and_json(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "красный круг", "--model", str(model_dir), "--out", str(out), "-n", "3", "--seed", "40",
+               "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((out / "generate.json").read_text(encoding="utf-8"))
+    assert report["prompt"] == "красный круг" and report["seed"] == 40 and report["device"] == "cpu"
+    assert report["settings"]["num_images"] == 3 and report["settings"]["top_k"] > 0
+    assert sorted(r["seed"] for r in report["images"]) == [40, 41, 42]
+    scores = [r["clip_score"] for r in report["images"]]
+    assert scores == sorted(scores, reverse=True)
+    for r in report["images"]:
+        image = Image.open(out / r["file"])
+        assert image.format == "PNG" and image.size == (32, 32)
+        assert image.text["prompt"] == "красный круг" and image.text["seed"] == str(r["seed"])
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 32 and grid.height >= 32
+    assert "3 image(s)" in capsys.readouterr().out
+
+
+def test_same_seed_same_bytes_and_remake_command(model_dir, tmp_path):
+    args = ["generate", "синий квадрат", "--model", str(model_dir), "-n", "2", "--seed", "7", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--batch-size", "1"]) == 0
+    report = json.loads((tmp_path / "a" / "generate.json").read_text(encoding="utf-8"))
+    for r in report["images"]:
+        assert (tmp_path / "a" / r["file"]).read_bytes() == (tmp_path / "b" / r["file"]).read_bytes()
+    # The recorded remake command of the second-best image makes exactly its bytes again.
+    second = report["images"][1]
+    argv = shlex.split(second["remake"])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "remade")
+    assert main([*argv, "--no-progress"]) == 0
+    remade = json.loads((tmp_path / "remade" / "generate.json").read_text(encoding="utf-8"))["images"][0]
+    assert remade["seed"] == second["seed"]
+    assert (tmp_path / "remade" / remade["file"]).read_bytes() == (tmp_path / "a" / second["file"]).read_bytes()
+
+
+def test_generate_errors(model_dir, tmp_path, caplog):
+    assert main(["generate", "   ", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert "prompt is empty" in caplog.text
+    assert main(["generate", "кот", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
+    assert "does not exist" in caplog.text
+    assert main(["generate", "кот", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--top-p", "2"]) == 2
+    assert "top_p" in caplog.text
+    assert not (tmp_path / "e").exists()
+
+
+def test_fallback_to_tiny_random_pipeline_only_when_default_is_missing(tmp_path, monkeypatch, capsys, model_dir):
+    monkeypatch.setattr(generate_cli, "default_model_dir", lambda: tmp_path / "models" / "default")
+    assert main(["generate", "кот", "--out", str(tmp_path / "f"), "-n", "1", "--no-progress"]) == 0
+    assert "UNTRAINED tiny random pipeline" in capsys.readouterr().err
+    report = json.loads((tmp_path / "f" / "generate.json").read_text(encoding="utf-8"))
+    assert report["model"].startswith("random:")
+    # When the default exists it is used, with no warning.
+    monkeypatch.setattr(generate_cli, "default_model_dir", lambda: model_dir)
+    assert main(["generate", "кот", "--out", str(tmp_path / "g"), "-n", "1", "--no-progress"]) == 0
+    assert "UNTRAINED" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "g" / "generate.json").read_text(encoding="utf-8"))["model"] == str(model_dir)
