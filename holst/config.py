@@ -631,6 +631,7 @@ class DalleTrainConfig(TrainConfig):
     codes: list[str] = dataclasses.field(default_factory=list)
     images: str = ""
     vqgan: str = ""
+    langs: list[str] = dataclasses.field(default_factory=list)
     bpe_dropout: float = 0.1
     empty_caption_prob: float = 0.1
     loss_img_weight: float = -1.0
@@ -660,7 +661,7 @@ class DalleTrainConfig(TrainConfig):
         _check(isinstance(self.model_overrides, dict), f"model_overrides={self.model_overrides!r} must be a mapping")
         if isinstance(self.codes, str):
             self.codes = [self.codes]
-        for name in ("codes", "freeze", "lora_targets", "sample_prompts"):
+        for name in ("codes", "langs", "freeze", "lora_targets", "sample_prompts"):
             value = getattr(self, name)
             _check(isinstance(value, list) and all(isinstance(v, str) for v in value),
                    f"{name}={value!r} must be a list of strings")
@@ -786,3 +787,43 @@ class VQGANTrainConfig(TrainConfig):
                f"kl_weight={self.kl_weight!r} must be >= 0, or -1 for the model config's value")
         _check(self.disc_layers >= 1 and self.disc_ndf >= 1,
                f"disc_layers={self.disc_layers!r} and disc_ndf={self.disc_ndf!r} must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (holst/sampling.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SamplingConfig(ConfigBase):
+    """Keyword arguments of ``holst.sampling.sample_image_codes``: ``sample_image_codes(model, ids, **cfg.to_dict())``.
+
+    ``top_k`` 0 disables top-k; ``top_p`` is applied whenever it lies in [0, 1] (the reference's
+    semantics); ``guidance_scale`` None or 1.0 = no classifier-free guidance; ``batch_size`` None =
+    all images at once; ``static_cache``/``cuda_graph`` = fixed-shape decode steps / CUDA graph replay
+    (``cuda_graph`` needs a CUDA model).
+    """
+
+    top_k: int = 2048
+    top_p: float = 0.995
+    temperature: float = 1.0
+    guidance_scale: float | None = None
+    batch_size: int | None = None
+    progress_interval: int = 1
+    static_cache: bool = False
+    cuda_graph: bool = False
+    free_cache: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k={self.top_k!r} must be an integer >= 0")
+        check_prob("top_p", self.top_p)
+        check_positive("temperature", self.temperature)
+        if self.guidance_scale is not None:
+            check_positive("guidance_scale", self.guidance_scale, allow_zero=True)
+        if self.batch_size is not None:
+            _check(isinstance(self.batch_size, int) and self.batch_size > 0,
+                   f"batch_size={self.batch_size!r} must be a positive integer or null")
+        _check(isinstance(self.progress_interval, int) and self.progress_interval > 0,
+               f"progress_interval={self.progress_interval!r} must be a positive integer")
+        for name in ("static_cache", "cuda_graph", "free_cache"):
+            _check(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be true or false")

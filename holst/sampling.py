@@ -317,9 +317,9 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
         model: a DalleModel (any dtype/device; dropout is switched off during the call).
         text_ids: (B, T) long, one caption per image as ``BPETokenizer.encode_batch`` makes them.
         top_k, top_p, temperature: the reference's sampling filter (:func:`filter_logits`).
-        guidance_scale: None = plain sampling; s >= 0 = classifier-free guidance with the empty
-            caption, cond and uncond in one batched forward (s = 1 reproduces plain sampling at
-            twice the cost).
+        guidance_scale: None or 1.0 = plain sampling (1.0 would give the same logits, so the
+            unconditional branch is skipped); other s >= 0 = classifier-free guidance with the empty
+            caption, cond and uncond rows in one batched forward.
         image_prompt: tokens to keep fixed (:class:`ImagePrompt`).
         generator: draws the per-image seeds when ``seeds`` is None (else torch's default RNG).
         seeds: one int per image; an image depends only on its seed and caption, not on the batch.
@@ -344,6 +344,8 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
     keys = seed_keys(seeds, device)
     prompt = image_prompt.expand(B, D, device) if image_prompt is not None else None
     step = batch_size or B
+    if guidance_scale is not None and float(guidance_scale) == 1.0:
+        guidance_scale = None  # cond + 0 * (cond - uncond) == cond: no need for the uncond rows
     codes, ppls = [], []
     with eval_mode(model), torch.inference_mode():
         for start in range(0, B, step):

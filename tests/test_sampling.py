@@ -12,6 +12,7 @@ from holst.dalle import DalleModel
 from holst.presets import get_preset
 from holst.sampling import (
     ImagePrompt,
+    _generate_batch,
     border_mask,
     ce_to_ppl,
     counter_gumbel,
@@ -165,8 +166,15 @@ def test_temperature_and_top_k_1_is_greedy(model: DalleModel) -> None:
 # ------------------------------------------------------------------ guidance
 def test_guidance_scale_1_equals_plain_sampling(model: DalleModel) -> None:
     text = captions(model, 4)
-    plain = sample_image_codes(model, text, seeds=[1, 2, 3, 4], **KW)
-    assert torch.equal(sample_image_codes(model, text, seeds=[1, 2, 3, 4], guidance_scale=1.0, **KW), plain)
+    seeds = [1, 2, 3, 4]
+    plain = sample_image_codes(model, text, seeds=seeds, **KW)
+    assert torch.equal(sample_image_codes(model, text, seeds=seeds, guidance_scale=1.0, **KW), plain)
+    # the batched cond + uncond path itself (the public call skips the uncond rows at s = 1)
+    with torch.inference_mode():
+        guided, _ = _generate_batch(model, text, seed_keys(seeds), None, top_k=KW["top_k"], top_p=KW["top_p"],
+                                    temperature=1.0, guidance_scale=1.0, progress=None, progress_interval=1,
+                                    static_cache=False, cuda_graph=False, want_ppl=False)
+    assert torch.equal(guided, plain)
     strong = sample_image_codes(model, text, seeds=[1, 2, 3, 4], guidance_scale=4.0, **KW)
     assert not torch.equal(strong, plain)
 
