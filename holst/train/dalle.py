@@ -19,7 +19,6 @@ number of processes with the same global batch, sees exactly the same batches.
 from __future__ import annotations
 
 import argparse
-import glob
 import time
 from pathlib import Path
 from typing import Any
@@ -210,32 +209,18 @@ def load_vqgan(path: str, device: torch.device) -> Any:
     return vq.eval()
 
 
-def open_code_shards(patterns: list[str]) -> Any:
-    """holst.data.codes.CodeShardDataset over the files matching the globs (sorted, deduplicated)."""
-    paths: list[str] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        if not matched:
-            raise FileNotFoundError(f"codes={pattern!r} matches no file")
-        for m in matched:
-            if not Path(m).exists():
-                raise FileNotFoundError(f"codes: shard {m} does not exist")
-            if m not in paths:
-                paths.append(m)
+def open_code_shards(paths: list[str], langs: list[str] | None = None) -> Any:
+    """holst.data.codes.CodeShardDataset over shard files, folders or globs (``holst prepare codes`` output)."""
     from holst.data.codes import CodeShardDataset
 
-    return CodeShardDataset(paths)
+    return CodeShardDataset(paths if len(paths) > 1 else paths[0], langs=langs or None)
 
 
-def open_image_dataset(path: str, image_size: int) -> Any:
-    """An image + caption dataset folder from holst.data, for on-the-fly encoding."""
-    import holst.data as data
+def open_image_dataset(path: str, image_size: int, langs: list[str] | None = None) -> Any:
+    """An image + caption dataset (folder, table or .tar shards) from holst.data, for on-the-fly encoding."""
+    from holst.data.loaders import open_dataset
 
-    opener = getattr(data, "open_dataset", None) or getattr(data, "load_dataset", None)
-    if opener is None:
-        raise ImportError("holst.data provides no dataset opener (open_dataset); pre-compute code shards with "
-                          "`holst prepare codes` and pass codes= instead")
-    return opener(path, image_size=image_size)
+    return open_dataset(path, size=image_size, **({"langs": tuple(langs)} if langs else {}))
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -309,9 +294,9 @@ def _train(engine: Engine, cfg: DalleTrainConfig, *, dataset: Any, tokenizer: An
                          f"text ids (vocab_size - text_seq_length); use a matching tokenizer or model")
     if dataset is None:
         if cfg.codes:
-            dataset = open_code_shards(cfg.codes)
+            dataset = open_code_shards(cfg.codes, cfg.langs)
         elif cfg.images:
-            dataset = open_image_dataset(cfg.images, image_size=mc.image_tokens_per_dim * vqgan.downsample_factor)
+            dataset = open_image_dataset(cfg.images, mc.image_tokens_per_dim * vqgan.downsample_factor, cfg.langs)
         else:
             raise ValueError("no training data: set codes= (code shards) or images= + vqgan=")
     encode_images = None

@@ -110,6 +110,7 @@ class Engine:
         self._micro: dict[int, int] = {}        # id(optimizer) -> micro-steps since the last optimizer step
         self._prepared: list[nn.Module] = []    # wrapped models (DDP/FSDP) whose gradient sync we steer
         self._stop_requested = False
+        self._old_handlers: dict[int, Any] = {}
         self._tb = None
         self._log_t0 = time.perf_counter()
         self.out_dir = Path(cfg.out_dir)
@@ -169,9 +170,9 @@ class Engine:
             self._stop_requested = True
             log.warning("signal %d received: will save a checkpoint and stop after this step", signum)
 
-        signal.signal(signal.SIGTERM, handler)
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, handler)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                self._old_handlers[sig] = signal.signal(sig, handler)
 
     def seed_everything(self, seed: int) -> None:
         """Seed Python, NumPy and torch (CPU + CUDA) with ``seed + rank``, for dropout etc.
@@ -684,6 +685,9 @@ class Engine:
         if self._tb:
             self._tb.close()
             self._tb = None
+        for sig, old in self._old_handlers.items():  # give the signals back to whoever had them
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old_handlers = {}
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_process_group = False
