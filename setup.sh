@@ -21,3 +21,9 @@ if [ ! -f models/default/superres/model.safetensors ]; then
     echo "setup: WARNING: Real-ESRGAN weights unavailable; upscaling falls back to Lanczos resampling" >&2
   fi
 fi
+
+# Tokenizer tests' parity oracle: YouTokenToMe (no cp311 wheel; its sdist needs Cython at build time, ~20 s).
+# Best effort: holst never imports it and the parity tests skip without it.
+.venv/bin/python -c "import youtokentome" 2>/dev/null \
+  || { .venv/bin/pip install -q "cython>=3,<4" && .venv/bin/pip install -q --no-build-isolation "youtokentome==1.0.6"; } \
+  || echo "setup: WARNING: youtokentome could not be built; tokenizer parity tests will skip" >&2

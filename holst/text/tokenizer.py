@@ -50,6 +50,7 @@ CONFIG_FILE = "config.json"
 _WORD_RE = re.compile("[^\t\n\v\f\r \u2581]+")
 _ASCII_SPACE = " \t\n\v\f\r"
 _CACHE_MAX = 1 << 17  # words; the cache is cleared when full so memory stays bounded
+_CACHE_WORD_MAX = 64  # characters; longer words are rare and seldom repeat: not cached
 _SHORT_WORD = 40  # symbols; longer words use the O(n log n) queue instead of repeated scans
 
 
@@ -105,7 +106,8 @@ class BPETokenizer:
             i != -1 for i in (self.unk_id, self.pad_id, self.bos_id, self.eos_id))
         self.config = (config or TokenizerConfig()).replace(vocab_size=self.vocab_size)
         self._build_tables()
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, list[int]] = {}  # word -> ids (deterministic encoding)
+        self._queue_cache: dict[str, tuple[list[int], list[int]]] = {}  # word -> initial queue (dropout)
         self._warned_truncation = False
 
     # ------------------------------------------------------------------------------------------
@@ -374,44 +376,68 @@ class BPETokenizer:
             symbols = merged
         return symbols
 
-    def _merge_queue(self, symbols: list[int], dropout: float = 0.0, rng: random.Random | None = None) -> list[int]:
+    def _initial_queue(self, word: str) -> tuple[list[int], list[int]]:
+        """(symbols, sorted candidate keys) of a word before any merge; cached for the dropout path.
+
+        A candidate is the int ``rank << 32 | position`` (ints compare faster than tuples in heapq);
+        a sorted list is already a heap.
+        """
+        cached = self._queue_cache.get(word)
+        if cached is None:
+            symbols = self._symbols(word)
+            ranks = map(self._ranks.get, zip(symbols, symbols[1:]))
+            cached = (symbols, sorted(r << 32 | i for i, r in enumerate(ranks) if r is not None))
+            if len(word) <= _CACHE_WORD_MAX:
+                if len(self._queue_cache) >= _CACHE_MAX:
+                    self._queue_cache.clear()
+                self._queue_cache[word] = cached
+        return cached
+
+    def _merge_queue(self, symbols: list[int], keys: list[int], dropout: float = 0.0,
+                     rng: random.Random | None = None) -> list[int]:
         """BPE of one word with YouTokenToMe's priority queue of (rank, position) candidates.
 
         Positions index a linked list of the word's symbols; a merge keeps the left node and kills the
         right one. Stale candidates are recognised when popped. With ``dropout`` > 0 this is
         YouTokenToMe's DropoutQueue: candidates are skipped with probability ``dropout`` and put back
-        after the next candidate taken; the word ends when a pass skips all of them.
+        after the next candidate taken (stale ones included); the word ends when a pass skips all.
+
+        Args:
+            symbols: the word's initial symbols (not modified).
+            keys: its initial candidates ``rank << 32 | position``, sorted (not modified).
         """
-        n = len(symbols)
-        if n < 2:
+        if not keys:
             return symbols
+        n = len(symbols)
         ranks, left, right, result = self._ranks, self._left, self._right, self._result
         tok: list[int | None] = list(symbols)
         nxt = list(range(1, n + 1))
         nxt[-1] = -1
         prv = list(range(-1, n - 1))
-        heap = [(r, i) for i, r in enumerate(map(ranks.get, zip(symbols, symbols[1:]))) if r is not None]
-        heapq.heapify(heap)
+        heap = list(keys)
         pop, push = heapq.heappop, heapq.heappush
         draw = rng.random if (dropout > 0 and rng is not None) else None
-        skipped: list[tuple[int, int]] = []
+        skipped: list[int] = []
+        mask = 0xFFFFFFFF
         while True:
             if draw is None:
                 if not heap:
                     break
-                rank, p1 = pop(heap)
+                key = pop(heap)
             else:
                 while heap:
-                    rank, p1 = pop(heap)
+                    key = pop(heap)
                     if draw() < dropout:
-                        skipped.append((rank, p1))
+                        skipped.append(key)
                     else:
                         break
                 else:  # every candidate was skipped: the word is finished
                     break
-                for event in skipped:
-                    push(heap, event)
-                skipped.clear()
+                if skipped:
+                    for event in skipped:
+                        push(heap, event)
+                    skipped.clear()
+            rank, p1 = key >> 32, key & mask
             p2 = nxt[p1]
             if p2 == -1 or tok[p1] != left[rank] or tok[p2] != right[rank]:
                 continue  # stale: one of the two nodes changed since this candidate was queued
@@ -422,12 +448,12 @@ class BPETokenizer:
                 prv[p3] = p1
                 r = ranks.get((tok[p1], tok[p3]))
                 if r is not None:
-                    push(heap, (r, p1))
+                    push(heap, r << 32 | p1)
             p0 = prv[p1]
             if p0 != -1:
                 r = ranks.get((tok[p0], tok[p1]))
                 if r is not None:
-                    push(heap, (r, p0))
+                    push(heap, r << 32 | p0)
         out, i = [], 0
         while i != -1:
             out.append(tok[i])
@@ -436,7 +462,11 @@ class BPETokenizer:
 
     def _encode_word(self, word: str) -> list[int]:
         symbols = self._symbols(word)
-        merged = self._merge_scan(symbols) if len(symbols) <= _SHORT_WORD else self._merge_queue(symbols)
+        if len(symbols) <= _SHORT_WORD:
+            merged = self._merge_scan(symbols)
+        else:  # long words: O(n log n); not kept in the queue cache (they would bloat it)
+            ranks = map(self._ranks.get, zip(symbols, symbols[1:]))
+            merged = self._merge_queue(symbols, sorted(r << 32 | i for i, r in enumerate(ranks) if r is not None))
         unk = self.unk_id
         return [t if t >= 0 else unk for t in merged]
 
@@ -448,17 +478,19 @@ class BPETokenizer:
                 ids = cache.get(word)
                 if ids is None:
                     ids = self._encode_word(word)
-                    if len(cache) >= _CACHE_MAX:
-                        cache.clear()
-                    cache[word] = ids
+                    if len(word) <= _CACHE_WORD_MAX:
+                        if len(cache) >= _CACHE_MAX:
+                            cache.clear()
+                        cache[word] = ids
                 out += ids
             return out
         if dropout >= 1.0:  # every candidate is always skipped: pure characters
             for word in _WORD_RE.findall(text):
                 out += self._symbols(word)
         else:
+            initial, merge = self._initial_queue, self._merge_queue
             for word in _WORD_RE.findall(text):
-                out += self._merge_queue(self._symbols(word), dropout, rng)
+                out += merge(*initial(word), dropout, rng)
         unk = self.unk_id
         return [t if t >= 0 else unk for t in out]
 
