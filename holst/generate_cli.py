@@ -62,6 +62,16 @@ def load_pipeline_for_cli(model: str | None, device: str = "auto", dtype: str = 
         return None
 
 
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count once, from the entry point (library code never does)."""
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise SystemExit(f"--threads={threads} must be >= 1")
+        torch.set_num_threads(threads)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``holst generate``."""
     parser.add_argument("prompt", help="the caption, e.g. 'рыжий кот на подоконнике'")
@@ -79,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-prompt", default=None, help="an image whose top half is kept; the rest is sampled")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -103,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
     import holst
     from holst.utils.images import make_grid, save_png
 
+    set_threads(args.threads)
     pipe = load_pipeline_for_cli(args.model, args.device, args.dtype)
     if pipe is None:
         return 2

@@ -561,6 +561,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="bearer token clients must send (default: $HOLST_TOKEN)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (default auto)")
     parser.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 for the transformer (default auto)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help=f"queued requests before 503 (default {d.max_queue})")
     parser.add_argument("--max-batch-images", type=int, default=None,
@@ -583,13 +584,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 def main(args: argparse.Namespace) -> int:
     """Run ``holst serve`` until interrupted."""
     from holst.config import ConfigError
-    from holst.generate_cli import load_pipeline_for_cli
+    from holst.generate_cli import load_pipeline_for_cli, set_threads
 
     try:
         config = config_from_args(args)
     except ConfigError as e:
         logger.error("%s", e)
         return 2
+    set_threads(args.threads)
     pipe = load_pipeline_for_cli(args.model, config.device, config.dtype)
     if pipe is None:
         return 2
