@@ -315,6 +315,18 @@ def test_any_unicode_never_crashes(tok, text):
         assert ids == _yttm_model(tok).encode([text])[0]
 
 
+def test_scan_and_queue_algorithms_agree(tok):
+    """Short words use repeated scans, long ones the (rank, position) queue: both must give the same ids."""
+    rng = random.Random(0)
+    letters = "".join(sorted({c for w in tok.vocab()[4:] for c in w if c != SPACE_CHAR}))
+    for _ in range(300):
+        word = "".join(rng.choice(letters + "☃") for _ in range(rng.randint(1, 80)))
+        symbols = tok._symbols(word)
+        keys = sorted(r << 32 | i for i, r in enumerate(map(tok._ranks.get, zip(symbols, symbols[1:])))
+                      if r is not None)
+        assert tok._merge_scan(symbols) == tok._merge_queue(symbols, keys), word
+
+
 @pytest.mark.filterwarnings("ignore:a caption of")
 def test_huge_and_strange_strings(tok):
     huge = ("рыжий кот 😺 на подоконнике\u200f\u202e ") * 40_000  # ~10^6 characters, RTL marks, emoji
@@ -349,8 +361,11 @@ def _yttm_model(tok: BPETokenizer):
 def _parity_texts(corpus: list[str]) -> list[str]:
     rng = random.Random(0)
     alphabet = "абвгдеёжзийклмнопрстуфхцчшщъыьэюяabcdefghijklmnopqrstuvwxyz ,.!?0123456789\t\n\u2581\xa0ЁÀ😀\u200f"
+    words = "".join(sorted(set("".join(corpus))))
     return (corpus[:100] + SAMPLES + ["", " ", "\u2581\u2581a", "aaaa aaaaa", "оооооо", "😀😀 кот😀😀кот"]
-            + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 50))) for _ in range(400)])
+            + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 50))) for _ in range(400)]
+            + ["подоконник" * 12, "оооо" * 30]  # long words take the queue path
+            + ["".join(rng.choice(words.strip()) for _ in range(rng.randint(41, 120))) for _ in range(20)])
 
 
 @needs_yttm
