@@ -22,7 +22,7 @@ from PIL import Image
 
 from holst.data.builtin import assign_split, prepare_out_dir, render_svg, require_rasteriser, save_png_fast, write_index
 from holst.data.images import DataReport
-from holst.data.packages import cache_dir, npm_pack, read_tgz_member
+from holst.data.packages import cache_dir, npm_pack, read_tgz_member, read_tgz_members
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.data.emoji")
@@ -62,10 +62,11 @@ def load_captions(tgz: Path, *, skins: bool) -> dict[str, dict]:
         normalised hexcode -> {"hexcode", "concept" (base hexcode), "emoji", "ru", "en", "ru_tags",
         "en_tags", "group", "group_ru", "tone"}; only emoji with both a ru and an en label.
     """
-    ru = json.loads(read_tgz_member(tgz, "ru/data.json"))
-    en = {norm_hex(e["hexcode"]): e for e in json.loads(read_tgz_member(tgz, "en/data.json"))}
-    groups_ru = {g["order"]: g["message"] for g in json.loads(read_tgz_member(tgz, "ru/messages.json"))["groups"]}
-    groups_en = {g["order"]: g["key"] for g in json.loads(read_tgz_member(tgz, "en/messages.json"))["groups"]}
+    files = read_tgz_members(tgz, ["ru/data.json", "en/data.json", "ru/messages.json", "en/messages.json"])
+    ru = json.loads(files["ru/data.json"])
+    en = {norm_hex(e["hexcode"]): e for e in json.loads(files["en/data.json"])}
+    groups_ru = {g["order"]: g["message"] for g in json.loads(files["ru/messages.json"])["groups"]}
+    groups_en = {g["order"]: g["key"] for g in json.loads(files["en/messages.json"])["groups"]}
     en_skins = {norm_hex(s["hexcode"]): s for e in en.values() for s in e.get("skins", [])}
     out: dict[str, dict] = {}
     for e in ru:
@@ -153,10 +154,13 @@ def load_icon_sets(styles: list[str], cache: Path, offline: bool) -> tuple[dict[
     for style in needed:
         package, version, _, _ = STYLES[style]
         tarballs[style] = npm_pack(package, version, cache, offline=offline)
-        chars_of[style] = json.loads(read_tgz_member(tarballs[style], "chars.json"))
+        files = read_tgz_members(tarballs[style], ["chars.json"] + (["icons.json"] if style in styles else []))
+        chars_of[style] = json.loads(files["chars.json"])
+        if style in styles:
+            sets[style] = json.loads(files["icons.json"])
     for style in styles:
         name_source = STYLES[style][3] or style
-        sets[style] = IconSet(json.loads(read_tgz_member(tarballs[style], "icons.json")), chars_of[name_source])
+        sets[style] = IconSet(sets[style], chars_of[name_source])
     return sets, tarballs
 
 

@@ -67,6 +67,8 @@ class _MapDataset(Dataset):
         self.records = records
         self.epoch = 0
         self.report = DataReport()
+        self._seen: set[int] = set()
+        self._bad: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
         """Change the random crops (``crop='random'``) deterministically per epoch."""
@@ -89,14 +91,19 @@ class _MapDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.items)} samples")
         for step in range(min(len(self.items), 1000)):
             i = (index + step) % len(self.items)
-            self.report.read += 1
+            if i in self._bad:
+                continue
+            first = i not in self._seen  # the report counts each sample once, however many epochs
+            self._seen.add(i)
+            self.report.read += first
             try:
                 sample = self.load(i)
             except BadSample as e:
+                self._bad.add(i)
                 self.report.skip(e.reason, str(self.records[self.items[i][0]][0]))
                 log.warning("skipping bad sample: %s", e)
                 continue
-            self.report.kept += 1
+            self.report.kept += first
             return sample
         raise RuntimeError(f"no readable image found near index {index}: {self.report.summary()}")
 
@@ -128,22 +135,22 @@ class FolderDataset(_MapDataset):
         records = []
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
             scan.read += 1
-            captions = {}
+            captions, bad_caption = {}, False
             for lang in langs:
                 for txt in (path.with_suffix(f".{lang}.txt"), path.with_suffix(".txt")):
                     if txt.is_file():
                         try:
                             text = decode_caption(txt.read_bytes(), str(txt))
-                        except BadSample as e:
-                            scan.skip(e.reason, str(txt))
-                            log.warning("caption is not UTF-8: %s", txt)
+                        except BadSample:
+                            bad_caption = True
                             break
                         if text:
                             captions[lang] = text
                         break
+            if bad_caption:
+                log.warning("caption is not UTF-8: %s", path)
             if not captions:
-                if not any(scan.examples.get(r) == str(path) for r in scan.skipped):
-                    scan.skip("no_caption", str(path))
+                scan.skip("caption_not_utf8" if bad_caption else "no_caption", str(path))
                 continue
             scan.kept += 1
             records.append((path, captions, str(path.relative_to(root).with_suffix(""))))
@@ -268,7 +275,7 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def iter_tar_samples(path: Path, report: DataReport) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream one tar: consecutive members with the same key (name up to the first dot) form a sample."""
-    key, files = None, {}
+    key, files, broken = None, {}, False
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
@@ -287,10 +294,28 @@ def iter_tar_samples(path: Path, report: DataReport) -> Iterator[tuple[str, dict
                 f = tar.extractfile(member)
                 files[ext] = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:
+        broken = True
         report.skip("corrupt_shard", f"{path}: {e}")
         log.warning("shard %s is corrupt or truncated after key %s: %s", path, key, e)
     if key is not None and files:
         yield key, files
+    if not broken and not _has_end_marker(path):
+        report.skip("corrupt_shard", f"{path}: no end-of-archive marker (truncated?)")
+        log.warning("shard %s has no end-of-archive marker: truncated after key %s?", path, key)
+
+
+def _has_end_marker(path: Path) -> bool:
+    """A complete tar ends with two zero blocks and is a whole number of 512-byte blocks; tarfile's
+    stream reader stops silently at a header cut short, so truncation is checked here."""
+    try:
+        size = path.stat().st_size
+        if size < 1024 or size % 512:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - 1024)
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return False
 
 
 class WebDatasetShards(IterableDataset):

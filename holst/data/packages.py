@@ -97,13 +97,23 @@ def extract_deb(deb: Path, dest: Path) -> Path:
     return dest
 
 
+def read_tgz_members(tgz: Path, members: list[str]) -> dict[str, bytes]:
+    """Read several files of an npm tarball (members live under ``package/``) in one pass over the gzip."""
+    wanted = {f"package/{m}": m for m in members}
+    found: dict[str, bytes] = {}
+    with tarfile.open(tgz, "r:gz") as tar:
+        for info in tar:
+            if info.name in wanted and info.isfile():
+                f = tar.extractfile(info)
+                found[wanted[info.name]] = f.read() if f is not None else b""
+                if len(found) == len(wanted):
+                    break
+    missing = [m for m in members if m not in found]
+    if missing:
+        raise PackageError(f"{tgz.name} has no file(s) {['package/' + m for m in missing]}")
+    return found
+
+
 def read_tgz_member(tgz: Path, member: str) -> bytes:
     """Read one file of an npm tarball (members live under ``package/``)."""
-    with tarfile.open(tgz, "r:gz") as tar:
-        try:
-            f = tar.extractfile(f"package/{member}")
-        except KeyError:
-            f = None
-        if f is None:
-            raise PackageError(f"{tgz.name} has no file package/{member}")
-        return f.read()
+    return read_tgz_members(tgz, [member])[member]

@@ -1,0 +1,139 @@
+"""Built-in sets: emoji and Tux Paint builders (real packages when cached, fixtures otherwise; no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from holst.data.builtin import SPLITS, assign_split, ensure_viewbox
+from holst.data.emoji import CAPTIONS_PACKAGE, STYLES, IconSet, build_emoji, norm_hex
+from holst.data.loaders import TableDataset
+from holst.data.packages import cache_dir, npm_tarball_name
+from holst.data.tuxpaint import PACKAGE, STAMPS_DIR, build_tuxpaint, clean_caption, parse_description
+
+
+def test_norm_hex_and_viewbox():
+    assert norm_hex("1f44b-fe0f") == "1F44B" and norm_hex("2764-FE0F-200D-1F525") == "2764-200D-1F525"
+    svg = '<?xml version="1.0"?><svg width="128pt" height="64pt" xmlns="http://www.w3.org/2000/svg"><g/></svg>'
+    fixed = ensure_viewbox(svg)
+    assert 'width="170.667"' in fixed and 'height="85.3333"' in fixed and 'viewBox="0 0 170.667 85.3333"' in fixed
+    ok = '<svg viewBox="0 0 10 10" width="10" height="10"></svg>'
+    assert ensure_viewbox(ok) == ok
+
+
+def test_split_is_fixed_and_has_the_asked_fractions():
+    concepts = [f"C{i}" for i in range(4000)]
+    styles = ["a", "b", "c", "d"]
+    splits = [assign_split(c, s, styles, seed=0, heldout_concepts=0.05, heldout_styles=0.1)
+              for c in concepts for s in styles]
+    assert splits == [assign_split(c, s, styles, seed=0, heldout_concepts=0.05, heldout_styles=0.1)
+                      for c in concepts for s in styles]
+    by_concept = [splits[i * 4:(i + 1) * 4] for i in range(len(concepts))]
+    whole = sum(all(x == "test_concept" for x in row) for row in by_concept) / len(concepts)
+    one_style = sum(row.count("test_style") == 1 for row in by_concept) / len(concepts)
+    assert 0.04 < whole < 0.06 and 0.08 < one_style < 0.11
+    assert all(row.count("test_style") <= 1 and ("test_concept" not in row or set(row) == {"test_concept"})
+               for row in by_concept)
+    assert set(splits) <= set(SPLITS)
+    assert assign_split("x", "a", ["a"], seed=0, heldout_concepts=0.0, heldout_styles=1.0) == "train"
+
+
+def test_tuxpaint_description_parsing():
+    text = "A frog.\nde.utf8=Ein Frosch.\nru.utf8=Лягушка.\nru.utf8=second\n"
+    assert parse_description(text) == {"en": "A frog.", "de": "Ein Frosch.", "ru": "Лягушка."}
+    assert clean_caption("  Лягушка. ") == "Лягушка" and clean_caption("Wait...") == "Wait..."
+
+
+def test_iconset_aliases_and_flips():
+    pytest.importorskip("resvg_py")
+    body = '<rect x="0" y="0" width="8" height="16" fill="#ff0000"/>'  # red left half
+    icons = {"icons": {"half": {"body": body}}, "aliases": {"flipped": {"parent": "half", "hFlip": True}},
+             "width": 16, "height": 16}
+    iconset = IconSet(icons, {"1f600": "half", "1f601-fe0f": "flipped", "1f602": "missing"})
+    assert iconset.name_of("1F601") == "flipped" and iconset.name_of("1F602") is None
+    a = np.asarray(iconset.render("half", 16))
+    b = np.asarray(iconset.render("flipped", 16))
+    assert a[8, 2, 0] > 200 and a[8, 2, 1] < 50 and tuple(a[8, 13]) == (255, 255, 255)
+    assert np.array_equal(a[:, ::-1], b)
+
+
+def _have_emoji_packages() -> bool:
+    cache = cache_dir()
+    names = [npm_tarball_name(*CAPTIONS_PACKAGE[:2])] + [npm_tarball_name(STYLES[s][0], STYLES[s][1])
+                                                         for s in ("noto", "twemoji")]
+    return all((cache / "npm" / n).is_file() for n in names)
+
+
+@pytest.mark.skipif(not _have_emoji_packages(), reason="emoji npm packages not cached (run holst data emoji once)")
+def test_emoji_builder_on_cached_packages(tmp_path: Path):
+    pytest.importorskip("resvg_py")
+    meta = build_emoji(tmp_path / "e", size=32, styles=["noto", "twemoji"], limit=12, offline=True,
+                       heldout_concepts=0.2, heldout_styles=0.3)
+    rows = [json.loads(line) for line in open(tmp_path / "e" / "captions.jsonl", encoding="utf-8")]
+    assert meta["counts"]["images"] == len(rows) and 12 <= len(rows) <= 24
+    first = next(r for r in rows if r["hexcode"] == "1F600")
+    assert first["ru"] == "широко улыбается" and first["en"] == "grinning face" and first["group"] == "smileys-emotion"
+    assert {r["style"] for r in rows} == {"noto", "twemoji"} and {r["split"] for r in rows} <= set(SPLITS)
+    image = Image.open(tmp_path / "e" / first["file"])
+    assert image.size == (32, 32) and image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+    assert (tmp_path / "e" / "LICENSES" / "twemoji.txt").read_text().count("CC BY 4.0") >= 1
+    ds = TableDataset(tmp_path / "e", split="all", size=32, langs=("ru", "en"))
+    assert len(ds) == 2 * len(rows)
+    build_emoji(tmp_path / "e2", size=32, styles=["noto", "twemoji"], limit=12, offline=True,
+                heldout_concepts=0.2, heldout_styles=0.3)
+    assert (tmp_path / "e" / "captions.jsonl").read_bytes() == (tmp_path / "e2" / "captions.jsonl").read_bytes()
+    with pytest.raises(FileExistsError):
+        build_emoji(tmp_path / "e", size=32, styles=["noto"], limit=1, offline=True)
+
+
+def _fake_stamps(root: Path) -> Path:
+    (root / "animals").mkdir(parents=True)
+    cat = Image.new("RGBA", (60, 30), (0, 0, 0, 0))
+    cat.paste((200, 100, 0, 255), (0, 0, 60, 30))
+    cat.save(root / "animals" / "cat.png")
+    (root / "animals" / "cat.txt").write_text("A cat.\nde.utf8=Eine Katze.\nru.utf8=Кошка.\n", encoding="utf-8")
+    (root / "animals" / "ant.svg").write_text(
+        '<svg width="20pt" height="20pt" xmlns="http://www.w3.org/2000/svg"><circle cx="13" cy="13" r="10" '
+        'fill="#000"/></svg>', encoding="utf-8")
+    (root / "animals" / "ant.txt").write_text("An ant\nru.utf8=Муравей\n", encoding="utf-8")
+    Image.new("RGB", (10, 10)).save(root / "animals" / "dog.png")
+    (root / "animals" / "dog.txt").write_text("A dog only in English\n", encoding="utf-8")
+    Image.new("RGB", (10, 10)).save(root / "animals" / "cow.png")
+    (root / "animals" / "cow.txt").write_bytes("A cow\nru.utf8=Корова\n".encode("cp1251"))
+    (root / "animals" / "bad.png").write_bytes(b"")
+    (root / "animals" / "bad.txt").write_text("Bad\nru.utf8=Плохо\n", encoding="utf-8")
+    return root
+
+
+def test_tuxpaint_builder_on_fixture(tmp_path: Path):
+    pytest.importorskip("resvg_py")
+    meta = build_tuxpaint(tmp_path / "t", size=32, stamps_root=_fake_stamps(tmp_path / "stamps"),
+                          heldout_concepts=0.0)
+    rows = {r["concept"]: r for r in map(json.loads, open(tmp_path / "t" / "captions.jsonl", encoding="utf-8"))}
+    assert set(rows) == {"animals/cat", "animals/ant"}
+    assert rows["animals/cat"]["ru"] == "Кошка" and rows["animals/cat"]["en"] == "A cat"
+    assert meta["report"]["skipped"] == {"no_ru_or_en_caption": 1, "caption_not_utf8": 1, "image_failed": 1}
+    cat = Image.open(tmp_path / "t" / rows["animals/cat"]["file"])
+    assert cat.size == (32, 32) and cat.getpixel((16, 2)) == (255, 255, 255)  # letterboxed 2:1 stamp
+    assert cat.getpixel((16, 16))[0] > 180
+    ant = np.asarray(Image.open(tmp_path / "t" / rows["animals/ant"]["file"]))
+    assert ant.min() < 30  # the pt-sized SVG rendered (scaled, not blank)
+    assert (tmp_path / "t" / "LICENSES" / "tuxpaint-stamps.txt").read_text().startswith("Images and descriptions")
+
+
+def _cached_stamps() -> Path | None:
+    root = cache_dir() / "deb" / f"{PACKAGE[0]}_{PACKAGE[1]}" / STAMPS_DIR
+    return root if root.is_dir() else None
+
+
+@pytest.mark.skipif(_cached_stamps() is None, reason="Tux Paint package not cached (run holst data tuxpaint once)")
+def test_tuxpaint_builder_on_cached_package(tmp_path: Path):
+    pytest.importorskip("resvg_py")
+    meta = build_tuxpaint(tmp_path / "t", size=32, limit=15, stamps_root=_cached_stamps())
+    assert meta["counts"]["images"] >= 12
+    rows = [json.loads(line) for line in open(tmp_path / "t" / "captions.jsonl", encoding="utf-8")]
+    assert all(r["ru"] and r["en"] and any("а" <= ch <= "я" for ch in r["ru"].lower()) for r in rows)
