@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
     ("convert", "realesrgan"): ("holst.convert.realesrgan", "Real-ESRGAN .pth or ncnn -> holst"),
     ("prepare", "filter"): ("holst.data.filter_cli", "filter image-caption pairs"),
     ("prepare", "codes"): ("holst.data.prepare", "encode a dataset into VQGAN code shards"),
+    ("prepare", "pipeline"): ("holst.hub", "assemble a pipeline directory from trained components"),
     ("data", "emoji"): ("holst.data.emoji", "build the emoji dataset from npm packages"),
     ("data", "tuxpaint"): ("holst.data.tuxpaint", "build the Tux Paint dataset from Debian packages"),
     ("data", "shapes"): ("holst.data.shapes", "render the synthetic shapes dataset"),

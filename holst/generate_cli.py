@@ -24,8 +24,9 @@ FALLBACK_PRESET = "tiny"
 
 FALLBACK_WARNING = """
 ==============================================================================================
- WARNING: {path} does not exist, so this is an UNTRAINED tiny random pipeline: the images are
- noise. Build the shipped model with scripts/build_default_model.sh, or pass --model DIR.
+ WARNING: {path} holds no pipeline (no pipeline.json), so this is an UNTRAINED tiny random
+ pipeline: the images are noise. Build the shipped model with scripts/build_default_model.sh,
+ or pass --model DIR.
 ==============================================================================================
 """
 

@@ -277,3 +277,88 @@ class _seeded:
 
     def __exit__(self, *exc: Any) -> None:
         self._fork.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------------------------
+# `holst prepare pipeline`: assemble a pipeline directory from trained component directories
+# --------------------------------------------------------------------------------------------
+
+
+def assemble_pipeline(out: str | Path, *, tokenizer: str | Path, vqgan: str | Path, dalle: str | Path,
+                      clip: str | Path | None = None, clip_tokenizer: str | Path | None = None,
+                      superres: str | Path | None = None, config: PipelineConfig | None = None,
+                      dtype: torch.dtype | None = None) -> PipelineComponents:
+    """Load trained component directories, check that they fit, and write one pipeline directory.
+
+    Args:
+        out: the pipeline directory (e.g. models/default); may already hold some components
+            (e.g. ``superres/`` from setup.sh): each is read fully before it is rewritten.
+        tokenizer: a tokenizer directory (bpe.model) or a ``.model`` file.
+        vqgan, dalle: ``save_pretrained`` directories (the trainers' ``<out_dir>/final``).
+        clip: a CLIP directory; its tokenizer is ``clip_tokenizer`` or ``<clip>/tokenizer``.
+        superres: an RRDBNet directory.
+        config: sampling defaults and model card (default PipelineConfig()).
+        dtype: cast the transformer and CLIP weights when saving (None keeps them).
+    Returns:
+        The loaded components.
+    """
+    from holst.dalle import DalleModel
+    from holst.text import BPETokenizer
+    from holst.vqgan import VQGAN
+
+    def load_tokenizer(path: str | Path) -> Any:
+        path = Path(path)
+        return BPETokenizer.load(path) if path.is_file() else BPETokenizer.from_pretrained(path)
+
+    parts = PipelineComponents(tokenizer=load_tokenizer(tokenizer), vqgan=VQGAN.from_pretrained(vqgan),
+                               dalle=DalleModel.from_pretrained(dalle))
+    if clip is not None:
+        from holst.rerank.clip import CLIPModel
+
+        parts.clip = CLIPModel.from_pretrained(clip)
+        parts.clip_tokenizer = load_tokenizer(clip_tokenizer or Path(clip) / CLIP_TOKENIZER_DIR)
+    if superres is not None:
+        from holst.superres import RRDBNet
+
+        parts.superres = RRDBNet.from_pretrained(superres)
+    save_pipeline(out, parts, config or PipelineConfig(), dtype=dtype)
+    return parts
+
+
+def add_arguments(parser: Any) -> None:
+    """Options of ``holst prepare pipeline``."""
+    d = PipelineConfig()
+    parser.add_argument("--out", required=True, help="pipeline directory to write, e.g. models/default")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or bpe.model file")
+    parser.add_argument("--vqgan", required=True, help="VQGAN directory (holst train vqgan's <out_dir>/final)")
+    parser.add_argument("--dalle", required=True, help="transformer directory (holst train dalle's <out_dir>/final)")
+    parser.add_argument("--clip", default=None, help="CLIP directory (holst train clip's <out_dir>/final)")
+    parser.add_argument("--clip-tokenizer", default=None, help="default: <clip>/tokenizer")
+    parser.add_argument("--superres", default=None, help="RRDBNet directory (e.g. models/default/superres)")
+    parser.add_argument("--dtype", default=None, help="save the transformer and CLIP as fp16/bf16 (default: as is)")
+    for name, kind in (("num_images", int), ("top_k", int), ("top_p", float), ("temperature", float),
+                       ("guidance_scale", float), ("rerank", int), ("upscale", int), ("batch_size", int)):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"sampling default stored in pipeline.json (default {getattr(d, name)})")
+    for name in ("name", "description", "language", "license", "training_data"):
+        parser.add_argument("--" + name.replace("_", "-"), default=None, help="model card field")
+
+
+def main(args: Any) -> int:
+    """Run ``holst prepare pipeline``; 0 on success, 2 when a component is missing or does not fit."""
+    from holst.utils.runtime import get_logger, resolve_dtype
+
+    log = get_logger("holst.hub")
+    fields = ("num_images", "top_k", "top_p", "temperature", "guidance_scale", "rerank", "upscale", "batch_size",
+              "name", "description", "language", "license", "training_data")
+    try:
+        config = PipelineConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+        dtype = resolve_dtype(args.dtype) if args.dtype else None
+        parts = assemble_pipeline(args.out, tokenizer=args.tokenizer, vqgan=args.vqgan, dalle=args.dalle,
+                                  clip=args.clip, clip_tokenizer=args.clip_tokenizer, superres=args.superres,
+                                  config=config, dtype=dtype)
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    print(f"pipeline written to {args.out} (components: {', '.join(parts.names())})")
+    return 0

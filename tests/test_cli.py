@@ -80,7 +80,7 @@ def test_generate_errors(model_dir, tmp_path, caplog):
 def test_fallback_to_tiny_random_pipeline_only_when_default_is_missing(tmp_path, monkeypatch, capsys, model_dir):
     monkeypatch.setattr(generate_cli, "default_model_dir", lambda: tmp_path / "models" / "default")
     assert main(["generate", "кот", "--out", str(tmp_path / "f"), "-n", "1", "--no-progress"]) == 0
-    assert "UNTRAINED tiny random pipeline" in capsys.readouterr().err
+    assert "UNTRAINED tiny random" in capsys.readouterr().err
     report = json.loads((tmp_path / "f" / "generate.json").read_text(encoding="utf-8"))
     assert report["model"].startswith("random:")
     # When the default exists it is used, with no warning.
@@ -88,3 +88,28 @@ def test_fallback_to_tiny_random_pipeline_only_when_default_is_missing(tmp_path,
     assert main(["generate", "кот", "--out", str(tmp_path / "g"), "-n", "1", "--no-progress"]) == 0
     assert "UNTRAINED" not in capsys.readouterr().err
     assert json.loads((tmp_path / "g" / "generate.json").read_text(encoding="utf-8"))["model"] == str(model_dir)
+
+
+def test_prepare_pipeline_assembles_component_dirs(tmp_path):
+    src = Text2ImagePipeline.from_random("tiny", seed=5)
+    src.tokenizer.save_pretrained(tmp_path / "tok")
+    src.vqgan.save_pretrained(tmp_path / "vq" / "final")
+    src.dalle.save_pretrained(tmp_path / "dalle" / "final")
+    src.clip.save_pretrained(tmp_path / "clip" / "final")
+    src.tokenizer.save_pretrained(tmp_path / "clip" / "final" / "tokenizer")
+    out = tmp_path / "models" / "default"
+    rc = main(["prepare", "pipeline", "--out", str(out), "--tokenizer", str(tmp_path / "tok"),
+               "--vqgan", str(tmp_path / "vq" / "final"), "--dalle", str(tmp_path / "dalle" / "final"),
+               "--clip", str(tmp_path / "clip" / "final"), "--top-k", "32", "--name", "test model"])
+    assert rc == 0
+    meta = json.loads((out / "pipeline.json").read_text(encoding="utf-8"))
+    assert meta["components"] == ["tokenizer", "vqgan", "dalle", "clip"] and meta["top_k"] == 32
+    assert "test model" in (out / "README.md").read_text(encoding="utf-8")
+    loaded = Text2ImagePipeline.from_pretrained(out)
+    assert torch.equal(loaded("кот", 2, seed=1).codes, src("кот", 2, seed=1, top_k=32).codes)
+    # A transformer trained on another VQGAN's codebook is refused with the sizes named.
+    other = Text2ImagePipeline.from_random("emoji", seed=0, clip=False, superres=False)
+    other.vqgan.save_pretrained(tmp_path / "vq2")
+    assert main(["prepare", "pipeline", "--out", str(tmp_path / "bad"), "--tokenizer", str(tmp_path / "tok"),
+                 "--vqgan", str(tmp_path / "vq2"), "--dalle", str(tmp_path / "dalle" / "final")]) == 2
+    assert not (tmp_path / "bad" / "pipeline.json").exists()
