@@ -112,13 +112,13 @@ def seed_keys(seeds: list[int], device: torch.device | str | None = None) -> tor
     return _mix32(_mix32(lo) ^ hi).to(device)
 
 
-def counter_gumbel(keys: torch.Tensor, step: int, vocab_size: int, vocab_salt: torch.Tensor | None = None
+def counter_gumbel(keys: torch.Tensor, step: int | torch.Tensor, vocab_size: int, vocab_salt: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """Gumbel(0, 1) noise that depends only on (key, step, code index).
 
     Args:
         keys: (B,) int64 from :func:`seed_keys`.
-        step: the image token index being sampled.
+        step: the image token index being sampled (an int, or a 0-dim long tensor in CUDA graphs).
         vocab_size: V.
         vocab_salt: optional precomputed ``_vocab_salt(V)`` on the keys' device.
     Returns:
@@ -126,7 +126,7 @@ def counter_gumbel(keys: torch.Tensor, step: int, vocab_size: int, vocab_salt: t
     """
     if vocab_salt is None:
         vocab_salt = vocab_salt_table(vocab_size, keys.device)
-    step_salt = (int(step) + 1) * 0x9E3779B9 & _M32
+    step_salt = (step + 1) * 0x9E3779B9 & _M32  # int or 0-dim tensor; < 2**63 for any image index
     k = _mix32(keys ^ step_salt)  # (B,)
     bits = _mix32(_mix32(k[:, None] ^ vocab_salt[None, :]))  # (B, V) in [0, 2**32)
     u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 bits: exact in float32
@@ -145,7 +145,7 @@ def draw_seeds(n: int, generator: torch.Generator | None = None) -> list[int]:
     return torch.randint(0, 2**63 - 1, (n,), generator=generator, device=device).tolist()
 
 
-def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, *, top_k: int, top_p: float,
+def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor, *, top_k: int, top_p: float,
                   temperature: float = 1.0, vocab_salt: torch.Tensor | None = None) -> torch.Tensor:
     """One sampling step as the reference does it: logits / temperature, top-k/top-p filter, then a
     categorical draw (here by Gumbel-max with per-image counter noise). logits (B, V) -> (B,) long."""
@@ -252,36 +252,32 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 class _CudaGraphStep:
-    """One captured static-cache decode step (CUDA only): replay = embed + all layers + image head.
+    """A captured static-cache step ``fn(codes, index) -> tuple of tensors`` (CUDA only).
 
-    Inputs are copied into fixed buffers and the graph is replayed; the logits buffer is reused,
-    so the caller consumes it before the next call.
+    Inputs are copied into fixed buffers and the graph is replayed; the output buffers are reused,
+    so the caller consumes them before the next call.
     """
 
-    def __init__(self, model: DalleModel, cache, rows: int, first_index: int) -> None:
-        device = cache.index_table.device
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], rows: int,
+                 first_index: int, device: torch.device) -> None:
         self.codes = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.index = torch.full((), first_index, dtype=torch.long, device=device)
-
-        def step() -> torch.Tensor:
-            return model.image_logits(model.decode_step(self.codes, self.index, cache))[:, 0].float()
-
         # Warm-up writes keys at the first decode position, which the first real step overwrites.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
+                fn(self.codes, self.index)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step()
+            self.outputs = fn(self.codes, self.index)
 
-    def __call__(self, codes: torch.Tensor, index: int) -> torch.Tensor:
+    def __call__(self, codes: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
         self.codes.copy_(codes)
         self.index.fill_(index)
         self.graph.replay()
-        return self.logits
+        return self.outputs
 
 
 def _check_args(model: DalleModel, text_ids: torch.Tensor, top_k: int, top_p: float, temperature: float,
@@ -324,8 +320,9 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
         generator: draws the per-image seeds when ``seeds`` is None (else torch's default RNG).
         seeds: one int per image; an image depends only on its seed and caption, not on the batch.
         progress: ``progress(step, total, codes_so_far)`` with codes_so_far (b, step) long on the
-            model's device (b = the rows of the current batch), called every ``progress_interval``
-            tokens and after the last one.
+            model's device (b = the rows of the current batch; a view of the working buffer: read
+            or clone it, do not modify it), called every ``progress_interval`` tokens and after the
+            last one. An exception raised there stops generation and propagates (cancellation).
         batch_size: generate at most this many images at a time (a new cache per batch).
         static_cache: fixed-shape decode steps (position as a device tensor).
         cuda_graph: capture the static decode step in a CUDA graph and replay it (CUDA only).
@@ -347,7 +344,7 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
     if guidance_scale is not None and float(guidance_scale) == 1.0:
         guidance_scale = None  # cond + 0 * (cond - uncond) == cond: no need for the uncond rows
     codes, ppls = [], []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.no_grad():  # no_grad, not inference_mode: callers may edit the codes in place
         for start in range(0, B, step):
             sl = slice(start, start + step)
             c, p = _generate_batch(model, text_ids[sl].to(device).long(), keys[sl],
@@ -401,33 +398,42 @@ def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tenso
     ce = torch.zeros(b, N, device=device) if want_ppl else None
     if want_ppl and n0 > 0:
         ce[:, :n0] = F.cross_entropy(logits_prefix[:b, :n0].transpose(1, 2), codes[:, :n0], reduction="none")
-    logits = logits_prefix[:, -1]  # (R, V)
     salt = vocab_salt_table(V, device)
-    graph_step = _CudaGraphStep(model, cache, rows, n0) if cuda_graph and n0 < N - 1 else None
 
+    def sample(logits: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """(R, V) logits predicting image token ``step`` -> (b,) sampled codes."""
+        mixed = guided_logits(logits[:b], logits[b:], guidance_scale) if guided else logits
+        return sample_tokens(mixed, keys, step, top_k=top_k, top_p=top_p, temperature=temperature, vocab_salt=salt)
+
+    def decode(feed: torch.Tensor, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed token ``index`` (R, 1) -> logits (R, V) predicting index + 1 and a sample of it."""
+        logits = model.image_logits(model.decode_step(feed, index, cache))[:, 0].float()
+        return logits, sample(logits, index + 1)
+
+    # A captured step holds the layers, the head and the sampler: one replay per token, no host sync.
+    graph_step = _CudaGraphStep(decode, rows, n0, device) if cuda_graph and n0 < N - 1 else None
+    logits = logits_prefix[:, -1]  # (R, V) predicting token n0
+    sampled = None if known_all[n0] else sample(logits, n0)
     for j in range(n0, N):
-        cond = logits[:b]
         if known_all[j]:
             tok = codes[:, j]
         else:
-            mixed = guided_logits(cond, logits[b:], guidance_scale) if guided else cond
-            tok = sample_tokens(mixed, keys, j, top_k=top_k, top_p=top_p, temperature=temperature, vocab_salt=salt)
-            if per_image:
-                tok = torch.where(prompt[1][:, j], codes[:, j], tok)
+            tok = torch.where(prompt[1][:, j], codes[:, j], sampled) if per_image else sampled
             codes[:, j] = tok
         if want_ppl:
-            ce[:, j] = F.cross_entropy(cond, tok, reduction="none")
+            ce[:, j] = F.cross_entropy(logits[:b], tok, reduction="none")
         if progress is not None and ((j + 1) % progress_interval == 0 or j == N - 1):
             progress(j + 1, N, codes[:, : j + 1])
         if j == N - 1:
             break
         feed = (tok.repeat(2) if guided else tok)[:, None]  # (R, 1)
         if graph_step is not None:
-            logits = graph_step(feed, j)
-        else:
+            logits, sampled = graph_step(feed, j)
+        elif known_all[j + 1]:  # the next token is given: skip the sampler
             index = cache.index_table[j] if static_cache else j
             logits = model.image_logits(model.decode_step(feed, index, cache))[:, 0].float()
-    del cache, graph_step
+        else:
+            logits, sampled = decode(feed, cache.index_table[j] if static_cache else j)
     # The reference scores tokens 1..N-1 (image[0] is predicted from the text, reference.md §2 step 5).
     return codes, (ce_to_ppl(ce[:, 1:]) if want_ppl else None)
 
@@ -468,7 +474,7 @@ def image_perplexity(model: DalleModel, text_ids: torch.Tensor, codes: torch.Ten
     if codes.dim() != 2 or codes.shape[1] != N or codes.shape[0] != text_ids.shape[0]:
         raise ValueError(f"codes must be ({text_ids.shape[0]}, {N}) long, got {tuple(codes.shape)}")
     device = model.image_embeddings.weight.device
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.no_grad():  # no_grad, not inference_mode: callers may edit the codes in place
         ids = torch.cat([text_ids.to(device).long(), codes.to(device).long()], dim=1)
         hidden = model.hidden_states(ids)  # (B, S, H)
         logits = model.image_logits(hidden[:, P : P + N - 1]).float()  # predicts image tokens 1..N-1
