@@ -438,6 +438,29 @@ def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tenso
     return codes, (ce_to_ppl(ce[:, 1:]) if want_ppl else None)
 
 
+def partial_grid(codes_so_far: torch.Tensor, image_tokens_per_dim: int, fill: int | torch.Tensor = 0) -> torch.Tensor:
+    """A preview grid from a progress callback's codes (min-dalle style progressive output).
+
+    Args:
+        codes_so_far: (b, step) long, the first ``step`` image codes (row-major).
+        image_tokens_per_dim: D.
+        fill: what the not-yet-generated slots hold: one code, or (N,)/(b, N) codes (e.g. a prompt's).
+    Returns:
+        (b, D, D) long, ready for ``VQGAN.decode``.
+    """
+    b, step = codes_so_far.shape
+    N = image_tokens_per_dim**2
+    if step > N:
+        D = image_tokens_per_dim
+        raise ValueError(f"codes_so_far has {step} tokens; a {D}x{D} grid holds {N}")
+    if isinstance(fill, torch.Tensor):
+        grid = fill.to(codes_so_far.device, torch.long).expand(b, N).clone()
+    else:
+        grid = torch.full((b, N), int(fill), dtype=torch.long, device=codes_so_far.device)
+    grid[:, :step] = codes_so_far
+    return grid.view(b, image_tokens_per_dim, image_tokens_per_dim)
+
+
 # --------------------------------------------------------------------------------------------
 # Ranking by the model's own perplexity
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from holst.sampling import (
     filter_logits,
     guided_logits,
     image_perplexity,
+    partial_grid,
     sample_image_codes,
     seed_keys,
 )
@@ -257,6 +258,16 @@ def test_progress_previews(model: DalleModel) -> None:
     assert [s for s, _, _ in seen] == [5, 10, 15, 16] and all(t == N for _, t, _ in seen)
     for s, _, c in seen:
         assert c.shape == (2, s) and torch.equal(c, out[:, :s])
+
+
+def test_partial_grid() -> None:
+    codes = torch.tensor([[5, 6, 7], [1, 2, 3]])
+    grid = partial_grid(codes, 2, fill=9)
+    assert grid.tolist() == [[[5, 6], [7, 9]], [[1, 2], [3, 9]]]
+    prompt_fill = partial_grid(codes[:, :1], 2, fill=torch.tensor([0, 1, 2, 3]))
+    assert prompt_fill.tolist() == [[[5, 1], [2, 3]], [[1, 1], [2, 3]]]
+    with pytest.raises(ValueError, match="2x2"):
+        partial_grid(torch.zeros(1, 5, dtype=torch.long), 2)
 
 
 def test_bad_arguments(model: DalleModel) -> None:
