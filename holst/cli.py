@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
     ("data", "emoji"): ("holst.data.emoji", "build the emoji dataset from npm packages"),
     ("data", "tuxpaint"): ("holst.data.tuxpaint", "build the Tux Paint dataset from Debian packages"),
     ("data", "shapes"): ("holst.data.shapes", "render the synthetic shapes dataset"),
+    ("data", "merge"): ("holst.data.builtin", "merge built datasets into one folder (no copies)"),
     ("eval", "vqgan"): ("holst.eval_cli", "VQGAN reconstruction report"),
     ("eval", "dalle"): ("holst.eval_cli", "transformer held-out loss report"),
     ("eval", "pipeline"): ("holst.eval_cli", "whole-pipeline report"),

@@ -137,3 +137,24 @@ def test_tuxpaint_builder_on_cached_package(tmp_path: Path):
     assert meta["counts"]["images"] >= 12
     rows = [json.loads(line) for line in open(tmp_path / "t" / "captions.jsonl", encoding="utf-8")]
     assert all(r["ru"] and r["en"] and any("а" <= ch <= "я" for ch in r["ru"].lower()) for r in rows)
+
+
+def test_merge_and_build_dataset_from_config(tmp_path: Path):
+    from holst.config import ConfigError, DataConfig
+    from holst.data import build_dataset
+    from holst.data.builtin import merge_datasets
+    from holst.data.shapes import build_shapes
+
+    build_shapes(tmp_path / "a", size=16, count=5, n_objects=(1,), test_count=2, seed=0)
+    build_shapes(tmp_path / "b", size=16, count=3, n_objects=(1,), test_count=1, seed=1)
+    meta = merge_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert meta["counts"] == {"images": 11, "test_concept": 3, "train": 8}
+    merged = TableDataset(tmp_path / "all", split="train", size=16, langs=("ru",))
+    direct = TableDataset(tmp_path / "b", split="train", size=16, langs=("ru",))
+    assert len(merged) == 8 and merged[7]["caption"] == direct[2]["caption"]
+    assert np.array_equal(merged[7]["image"].numpy(), direct[2]["image"].numpy())
+    cfg = DataConfig(sources=(str(tmp_path / "a"), str(tmp_path / "b")), image_size=16, langs=("ru", "en"))
+    assert len(build_dataset(cfg)) == 16
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="split"):
+        DataConfig(split="valid")

@@ -4,7 +4,14 @@ Importing this package is cheap and has no side effects; the builders fetch pack
 """
 
 from holst.data.images import BadSample, DataReport, decode_image, resize_crop
-from holst.data.loaders import FolderDataset, TableDataset, WebDatasetShards, collate, open_dataset
+from holst.data.loaders import (
+    FolderDataset,
+    TableDataset,
+    WebDatasetShards,
+    build_dataset,
+    collate,
+    open_dataset,
+)
 
-__all__ = ["BadSample", "DataReport", "FolderDataset", "TableDataset", "WebDatasetShards", "collate",
+__all__ = ["BadSample", "DataReport", "FolderDataset", "TableDataset", "WebDatasetShards", "build_dataset", "collate",
            "decode_image", "open_dataset", "resize_crop"]

@@ -128,3 +128,49 @@ def write_index(out: Path, records: list[dict], meta: dict) -> dict:
     meta["concepts"] = {s: len({r["concept"] for r in records if r["split"] == s}) for s in SPLITS}
     (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
+
+
+def merge_datasets(sources: list[str | Path], out: str | Path) -> dict:
+    """Write one dataset folder whose captions.jsonl lists the rows of several built sets.
+
+    Images are not copied: ``file`` becomes the path relative to ``out`` (e.g. ``../emoji/images/...``);
+    each row gets ``dataset`` (the source's meta.json name) and keeps its ``split``. LICENSES of every
+    source are referenced from ``out/LICENSES/README.md``.
+    """
+    import os
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, parts = [], {}
+    for source in map(Path, sources):
+        index = source / "captions.jsonl"
+        if not index.is_file():
+            raise FileNotFoundError(f"{source} is not a built dataset (no captions.jsonl)")
+        meta_file = source / "meta.json"
+        name = json.loads(meta_file.read_text(encoding="utf-8")).get("dataset", source.name) \
+            if meta_file.is_file() else source.name
+        rows = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for row in rows:
+            row["file"] = os.path.relpath((source / row["file"]).resolve(), out.resolve())
+            row["dataset"] = name
+            row["concept"] = f"{name}:{row.get('concept', row['file'])}"
+        records += rows
+        parts[name] = {"path": str(source), "images": len(rows)}
+    lic = out / "LICENSES"
+    lic.mkdir(exist_ok=True)
+    (lic / "README.md").write_text("# Merged dataset: see the licences of each part\n\n" + "".join(
+        f"- {name}: {os.path.relpath((Path(p['path']) / 'LICENSES').resolve(), lic.resolve())}/\n"
+        for name, p in parts.items()), encoding="utf-8")
+    return write_index(out, records, {"dataset": "merged", "parts": parts})
+
+
+def add_arguments(parser) -> None:
+    """``holst data merge``."""
+    parser.add_argument("sources", nargs="+", help="built dataset folders, e.g. data/emoji data/tuxpaint")
+    parser.add_argument("--out", required=True, help="output folder, e.g. data/all")
+
+
+def main(args) -> int:
+    meta = merge_datasets(args.sources, args.out)
+    print(json.dumps({"out": args.out, "counts": meta["counts"], "parts": meta["parts"]}, ensure_ascii=False))
+    return 0

@@ -427,19 +427,45 @@ class WebDatasetShards(IterableDataset):
         return {"image": image_to_tensor(image), "caption": caption, "lang": "txt", "key": key, "meta": meta}
 
 
-def open_dataset(source: str | Path | Sequence[str], **kwargs) -> Dataset:
-    """Pick the loader for ``source``: built-set folder or table file -> TableDataset; .tar shards
-    (file, glob, folder of .tar) -> WebDatasetShards; any other folder -> FolderDataset."""
-    if isinstance(source, (list, tuple)) or str(source).endswith(".tar") or any(c in str(source) for c in "*{"):
+def _is_shards(source: str | Path) -> bool:
+    text = str(source)
+    path = Path(text)
+    if text.endswith(".tar") or ("{" in text and ".." in text):
+        return True
+    if any(c in text for c in "*?["):
+        return text.endswith(".tar") or all(p.endswith(".tar") for p in glob.glob(text))
+    return path.is_dir() and not (path / "captions.jsonl").is_file() and any(path.glob("*.tar"))
+
+
+def open_dataset(source: str | Path | Sequence[str | Path], **kwargs) -> Dataset:
+    """Pick the loader for ``source``.
+
+    A built-set folder (with captions.jsonl) or a table file -> :class:`TableDataset`; .tar shards (a
+    file, brace range, glob, or a folder of .tar) -> :class:`WebDatasetShards`; any other folder ->
+    :class:`FolderDataset`. A list of sources gives one dataset: WebDatasetShards when all are shards,
+    else a ``ConcatDataset`` of the map-style ones. ``kwargs`` go to the loaders (``split`` and
+    ``langs`` are dropped for shards).
+    """
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            return open_dataset(source[0], **kwargs)
+        if all(_is_shards(s) for s in source):
+            return WebDatasetShards(list(source), **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
+        if any(_is_shards(s) for s in source):
+            raise ValueError(f"cannot mix .tar shards with other sources in one dataset: {list(source)}")
+        return torch.utils.data.ConcatDataset([open_dataset(s, **kwargs) for s in source])
+    if _is_shards(source):
         return WebDatasetShards(source, **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
     path = Path(source)
-    if path.is_dir() and (path / "captions.jsonl").is_file():
-        return TableDataset(path, **kwargs)
-    if path.is_dir() and any(path.glob("*.tar")):
-        return WebDatasetShards(path, **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
-    if path.is_dir():
+    if path.is_dir() and not (path / "captions.jsonl").is_file():
         return FolderDataset(path, **{k: v for k, v in kwargs.items() if k != "split"})
     return TableDataset(path, **kwargs)
+
+
+def build_dataset(config) -> Dataset:
+    """The training dataset described by a :class:`holst.config.DataConfig`."""
+    return open_dataset(list(config.sources), size=config.image_size, crop=config.crop, langs=config.langs,
+                        split=config.split, seed=config.seed, max_pixels=config.max_pixels)
 
 
 def collate(samples: list[dict]) -> dict:

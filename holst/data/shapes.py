@@ -377,6 +377,7 @@ def build_shapes(out: str | Path, *, size: int = 64, count: int = 10000, n_objec
     train, test = split_specs(all_specs(n_objects), holdout)
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, len(train), (count,), generator=gen).tolist() if train else []
+    n_heldout = len(test)
     if test_count is not None and test_count < len(test):
         test = [test[i] for i in torch.randperm(len(test), generator=gen)[:test_count].tolist()]
     records = []
@@ -391,7 +392,7 @@ def build_shapes(out: str | Path, *, size: int = 64, count: int = 10000, n_objec
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     meta = {"dataset": "shapes", "size": size, "count": count, "n_objects": list(n_objects),
-            "holdout": list(holdout), "seed": seed, "train_specs": len(train), "heldout_specs": len(test),
+            "holdout": list(holdout), "seed": seed, "train_specs": len(train), "heldout_specs": n_heldout,
             "counts": {"train": len(picks), "test_concept": len(test)}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
