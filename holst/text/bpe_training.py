@@ -24,25 +24,31 @@ import heapq
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
+from operator import eq
 
 from holst.text.tokenizer import _WORD_RE, SPACE_CHAR, TokenizerError
 
 Pair = tuple[int, int]
 
 
-def _pair_counts(word: list[int]) -> Counter:
+def _pair_counts(word: list[int]) -> dict[Pair, int]:
     """Pairs in one word; a run of k equal tokens holds k // 2 (non-overlapping) self-pairs."""
-    counts: Counter = Counter()
-    i, n = 0, len(word)
-    while i < n:
-        j = i
-        while j + 1 < n and word[j + 1] == word[i]:
-            j += 1
-        if j > i:
-            counts[(word[i], word[i])] += (j - i + 1) // 2
-        if j + 1 < n:
-            counts[(word[i], word[j + 1])] += 1
-        i = j + 1
+    counts: dict[Pair, int] = {}
+    get = counts.get
+    for pair in zip(word, word[1:]):
+        counts[pair] = get(pair, 0) + 1
+    if any(map(eq, word, word[1:])):  # rare: fix the self-pairs of runs (zip counted k - 1 per run)
+        i, n = 0, len(word)
+        while i < n:
+            j = i
+            while j + 1 < n and word[j + 1] == word[i]:
+                j += 1
+            if j > i:
+                pair = (word[i], word[i])
+                counts[pair] -= (j - i) - (j - i + 1) // 2
+                if not counts[pair]:
+                    del counts[pair]
+            i = j + 1
     return counts
 
 
@@ -50,13 +56,20 @@ def _apply_merge(word: list[int], x: int, y: int, z: int) -> list[int]:
     """Replace every (x, y) by z, left to right without overlap ("aaa" with (a, a) -> "z a")."""
     out: list[int] = []
     i, n = 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == x and word[i + 1] == y:
+    find = word.index
+    while True:
+        try:
+            j = find(x, i)
+        except ValueError:
+            break
+        if j + 1 < n and word[j + 1] == y:
+            out += word[i:j]
             out.append(z)
-            i += 2
+            i = j + 2
         else:
-            out.append(word[i])
-            i += 1
+            out += word[i: j + 1]
+            i = j + 1
+    out += word[i:]
     return out
 
 
@@ -172,14 +185,17 @@ def learn_bpe(texts: Iterable[str], vocab_size: int, *, coverage: float = 1.0,
             if len(new_word) == len(word):
                 continue  # stale entry: the pair left this word in an earlier merge
             f = freqs[wi]
-            delta = _pair_counts(new_word)
-            delta.subtract(_pair_counts(word))
-            for pair, d in delta.items():
+            old = _pair_counts(word)
+            for pair, c in _pair_counts(new_word).items():
+                d = c - old.pop(pair, 0)
                 if d:
                     pair_count[pair] = pair_count.get(pair, 0) + d * f
                     changed[pair] = 1
                     if d > 0:
                         where.setdefault(pair, set()).add(wi)
+            for pair, c in old.items():  # pairs that left the word
+                pair_count[pair] -= c * f
+                changed[pair] = 1
             words[wi] = new_word
         pair_count.pop((x, y), None)
         for pair in changed:
