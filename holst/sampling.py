@@ -300,7 +300,7 @@ def _check_args(model: DalleModel, text_ids: torch.Tensor, top_k: int, top_p: fl
         raise ValueError(f"seeds has {len(seeds)} entries for {text_ids.shape[0]} images; give one seed per image")
 
 
-def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int = REFERENCE_TOP_K,
+def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int | None = REFERENCE_TOP_K,
                        top_p: float = REFERENCE_TOP_P, temperature: float = 1.0, guidance_scale: float | None = None,
                        image_prompt: ImagePrompt | None = None, generator: torch.Generator | None = None,
                        seeds: list[int] | None = None, progress: ProgressFn | None = None,
@@ -312,7 +312,8 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
     Args:
         model: a DalleModel (any dtype/device; dropout is switched off during the call).
         text_ids: (B, T) long, one caption per image as ``BPETokenizer.encode_batch`` makes them.
-        top_k, top_p, temperature: the reference's sampling filter (:func:`filter_logits`).
+        top_k, top_p, temperature: the reference's sampling filter (:func:`filter_logits`); top_k 0
+            or None disables top-k.
         guidance_scale: None or 1.0 = plain sampling (1.0 would give the same logits, so the
             unconditional branch is skipped); other s >= 0 = classifier-free guidance with the empty
             caption, cond and uncond rows in one batched forward.
@@ -332,6 +333,7 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
     Returns:
         (B, N) long codes 0..V-1 row-major; with return_perplexity, (codes, (B,) float ppl).
     """
+    top_k = 0 if top_k is None else top_k  # None = no top-k, as 0
     _check_args(model, text_ids, top_k, top_p, temperature, guidance_scale, seeds)
     if cuda_graph and model.image_embeddings.weight.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device; leave it off on CPU")

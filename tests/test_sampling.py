@@ -157,6 +157,8 @@ def test_temperature_and_top_k_1_is_greedy(model: DalleModel) -> None:
     a = sample_image_codes(model, text, seeds=[1, 2], top_k=1, top_p=1.0)
     b = sample_image_codes(model, text, seeds=[8, 9], top_k=1, top_p=1.0, temperature=0.3)
     assert torch.equal(a, b)
+    assert torch.equal(sample_image_codes(model, text, seeds=[1, 2], top_k=None, top_p=1.0),
+                       sample_image_codes(model, text, seeds=[1, 2], top_k=0, top_p=1.0))
     # greedy codes are the argmax of the model's own logits
     P, N, Vt = model.num_text_positions, model.config.image_seq_length, model.config.vocab_size
     with torch.no_grad():
