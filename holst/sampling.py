@@ -288,6 +288,10 @@ def _check_args(model: DalleModel, text_ids: torch.Tensor, top_k: int, top_p: fl
         raise ValueError(f"text_ids must be a (B, {T}) long tensor as the tokenizer makes it, got {shape}")
     if text_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError(f"text_ids must hold integer ids, got {text_ids.dtype}")
+    V = model.config.vocab_size
+    if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= V):
+        raise ValueError(f"text_ids must lie in 0..{V - 1} (this model's text vocabulary), got "
+                         f"{int(text_ids.min())}..{int(text_ids.max())}; was it made with this model's tokenizer?")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 disables top-k)")
     if not 0.0 <= float(top_p) <= 1.0:

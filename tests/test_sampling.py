@@ -276,6 +276,8 @@ def test_bad_arguments(model: DalleModel) -> None:
     text = captions(model, 2)
     with pytest.raises(ValueError, match="text_ids"):
         sample_image_codes(model, text[:, :5], **KW)
+    with pytest.raises(ValueError, match="tokenizer"):
+        sample_image_codes(model, text + model.config.vocab_size, **KW)
     with pytest.raises(ValueError, match="top_p"):
         sample_image_codes(model, text, top_k=5, top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
