@@ -60,9 +60,14 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from e
     start = time.perf_counter()
+
+    def progress(done: int, wanted: int) -> None:
+        if done % 1000 == 0:
+            log.info("%d / %d merges (%.0f s)", done, wanted, time.perf_counter() - start)
+
     try:
         tok = BPETokenizer.train(_read_lines(args.inputs), args.vocab_size, coverage=args.coverage,
-                                 lowercase=args.lowercase, config=config)
+                                 lowercase=args.lowercase, config=config, progress=progress)
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from e
     out: Path = args.out
