@@ -274,3 +274,17 @@ def test_webdataset_truncated_shard_is_counted(tmp_path: Path, shards: Path):
     assert 1 <= len(got) < 5 and ds.report.skipped["corrupt_shard"] + sum(ds.report.skipped.values()) >= 1
     assert len(expand_shards(str(shards / "part-{00000..00002}.tar"))) == 3
     assert len(expand_shards(str(shards / "*.tar"))) == 4
+
+
+def test_table_rows_that_are_not_utf8_or_json_are_reported(tmp_path: Path):
+    solid((5, 5, 5)).save(tmp_path / "a.png")
+    lines = [json.dumps({"file": "a.png", "ru": "хорошо"}, ensure_ascii=False).encode(),
+             '{"file": "a.png", "ru": "плохо"}'.encode("cp1251"), b"{not json", b'{"file": "a.png"}']
+    (tmp_path / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    ds = TableDataset(tmp_path / "t.jsonl", size=8)
+    assert len(ds) == 1 and ds[0]["caption"] == "хорошо"
+    assert dict(ds.scan_report.skipped) == {"caption_not_utf8": 1, "bad_row": 1, "no_caption": 1}
+    assert ds.scan_report.examples["caption_not_utf8"].endswith("t.jsonl:2")
+    (tmp_path / "t.csv").write_bytes("file,ru\na.png,да\n".encode() + "a.png,нет\n".encode("cp1251"))
+    csv_ds = TableDataset(tmp_path / "t.csv", size=8)
+    assert len(csv_ds) == 1 and csv_ds.scan_report.examples["caption_not_utf8"].endswith("t.csv:3")

@@ -19,6 +19,7 @@ from holst.data.shapes import (
     build_shapes,
     caption,
     check,
+    evaluate,
     heldout_specs,
     matches,
     parse_holdout,
@@ -78,6 +79,8 @@ def test_checker_scores_ground_truth_perfectly():
     from holst.utils.images import pil_to_tensor
 
     assert check(pil_to_tensor(render(spec, 48)), spec)["all"]
+    scores = evaluate([render(s, 32) for s in singles[:20] + pairs[:20]], singles[:20] + pairs[:20])
+    assert scores["n"] == 40 and all(scores[k] == 1.0 for k in ("all", "colour", "shape", "position", "relation"))
 
 
 def test_checker_random_images_score_near_chance():

@@ -13,16 +13,18 @@ import os
 from pathlib import Path
 
 from holst.data.filters import FilterOptions, clip_scorer, filter_pairs
-from holst.data.images import BadSample, decode_caption
+from holst.data.images import BadSample, DataReport, decode_caption
 from holst.data.loaders import IMAGE_EXTS, read_table
 
 
-def load_rows(source: Path, caption_key: str) -> tuple[list[dict], Path, list[str]]:
-    """(rows, folder relative paths are resolved against, caption files that were not UTF-8)."""
+def load_rows(source: Path, caption_key: str, scan: DataReport) -> tuple[list[dict], Path, list[str]]:
+    """(rows, folder relative paths are resolved against, caption files that were not UTF-8).
+
+    Table rows that cannot be read (not UTF-8, not JSON) are counted in ``scan``."""
     if source.is_dir() and (source / "captions.jsonl").is_file():
-        return read_table(source / "captions.jsonl"), source, []
+        return read_table(source / "captions.jsonl", scan), source, []
     if source.is_file():
-        return read_table(source), source.parent, []
+        return read_table(source, scan), source.parent, []
     if not source.is_dir():
         raise FileNotFoundError(f"--input {source} does not exist")
     rows, bad = [], []
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     source, out = Path(args.input), Path(args.out)
-    rows, root, bad_captions = load_rows(source, args.lang)
+    scan = DataReport()
+    rows, root, bad_captions = load_rows(source, args.lang, scan)
     options = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
                             min_side=args.min_side, max_aspect=args.max_aspect, exact_dedup=not args.no_exact_dedup,
                             near_dup_distance=None if args.near_dup_distance < 0 else args.near_dup_distance,
@@ -69,6 +72,11 @@ def main(args: argparse.Namespace) -> int:
         if options.min_clip_score is None:
             raise SystemExit("--clip needs --min-clip-score (the score below which pairs are dropped)")
     kept, report = filter_pairs(rows, root, caption_key=args.lang, options=options, scorer=scorer)
+    for reason, n in scan.skipped.items():  # unreadable table rows count as read and removed
+        report.read += n
+        report.removed[f"table:{reason}"] += n
+        report.examples[f"table:{reason}"].append(scan.examples[reason])
+        bad_captions += [scan.examples[reason]] if reason == "caption_not_utf8" else []
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for row in kept:

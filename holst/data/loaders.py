@@ -167,19 +167,39 @@ class FolderDataset(_MapDataset):
 PATH_KEYS = ("file", "path", "image", "image_path", "filepath")
 
 
-def read_table(path: str | Path) -> list[dict]:
-    """Rows of a .jsonl/.json/.csv/.tsv/.parquet table as dicts (Parquet needs pyarrow)."""
+def _has_surrogates(value: object) -> bool:
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def read_table(path: str | Path, report: DataReport | None = None) -> list[dict]:
+    """Rows of a .jsonl/.json/.csv/.tsv/.parquet table as dicts (Parquet needs pyarrow).
+
+    Rows that are not valid JSON or whose text is not UTF-8 are skipped, counted in ``report``
+    (``bad_row`` / ``caption_not_utf8``, with the line number) and logged; the rest is read.
+    """
     path = Path(path)
+    report = report if report is not None else DataReport()
     suffix = path.suffix.lower()
+    rows: list[dict] = []
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    report.skip("caption_not_utf8", f"{path}:{n}")
+                    log.warning("%s:%d is not UTF-8; row skipped", path, n)
+                    continue
+                except json.JSONDecodeError as e:
+                    report.skip("bad_row", f"{path}:{n}")
+                    log.warning("%s:%d is not valid JSON (%s); row skipped", path, n, e)
+                    continue
+                if not isinstance(row, dict):
+                    report.skip("bad_row", f"{path}:{n}")
+                    continue
+                rows.append(row)
         return rows
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -187,8 +207,15 @@ def read_table(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: expected a JSON list of rows")
         return data
     if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        # surrogateescape keeps undecodable bytes visible so that only those rows are dropped
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2):
+                if any(_has_surrogates(v) for v in row.values()):
+                    report.skip("caption_not_utf8", f"{path}:{n}")
+                    log.warning("%s:%d is not UTF-8; row skipped", path, n)
+                    continue
+                rows.append(row)
+        return rows
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -229,23 +256,35 @@ class TableDataset(_MapDataset):
             raise FileNotFoundError(f"table {source} does not exist")
         if split not in SPLIT_CHOICES:
             raise ValueError(f"split={split!r} is not allowed; choose one of {list(SPLIT_CHOICES)}")
-        rows = read_table(source)
+        scan = DataReport()
+        rows = read_table(source, scan)
         if rows and not any(k in rows[0] for k in PATH_KEYS):
             raise ValueError(f"{source}: no image column; expected one of {list(PATH_KEYS)}, got {sorted(rows[0])}")
         records = []
         for n, row in enumerate(rows):
             if not _split_matches(row.get("split"), split):
                 continue
-            rel = next(row[k] for k in PATH_KEYS if row.get(k))
+            scan.read += 1
+            rel = next((row[k] for k in PATH_KEYS if row.get(k)), None)
+            if rel is None:
+                scan.skip("no_image_path", f"{source} row {n + 1}")
+                continue
             path = Path(rel) if Path(rel).is_absolute() else source.parent / rel
             captions = {}
             for lang in langs:
                 text = row.get(lang) or row.get("caption") or row.get("text")
                 if isinstance(text, str) and text.strip():
                     captions[lang] = " ".join(text.split())
-            records.append((path, captions, str(row.get("key") or rel or n)))
+            if not captions:
+                scan.skip("no_caption", str(rel))
+                continue
+            scan.kept += 1
+            records.append((path, captions, str(row.get("key") or rel)))
         super().__init__(records, size=size, crop=crop, langs=langs, seed=seed, max_pixels=max_pixels)
         self.rows = rows
+        self.scan_report = scan
+        if sum(scan.skipped.values()):
+            log.warning("%s: %s", source, scan.summary())
 
 
 # ---------------------------------------------------------------------------------------------
