@@ -237,6 +237,7 @@ def test_save_load_and_pretrained(tok, tmp_path):
     (b"\x08\x01\x12\x05hello\xff", "not ASCII"),
     ('{"model": {"type": "BPE"}}', "line 1: expected 'n_chars n_merges'"),
     ("", "line 1 .* is missing"),
+    ("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 123\n", "Git LFS pointer"),
     ("4 4\n9601 4\n97 5\n", "truncated: line 4"),
     ("2 0\n97 4\n98 5\n1 0 2 3\n", "lacks the word-boundary character"),
     ("2 1\n9601 4\n97 5\n4 9 6\n1 0 2 3\n", "uses id 9"),

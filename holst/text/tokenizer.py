@@ -214,6 +214,9 @@ class BPETokenizer:
             except UnicodeDecodeError as e:
                 raise TokenizerError(f"BPE model {source}: byte {e.start} is not ASCII; a YouTokenToMe model is "
                                      "lines of integers (is this a sentencepiece/tokenizers file?)") from e
+        if data.startswith("version https://git-lfs"):
+            raise TokenizerError(f"BPE model {source}: this is a Git LFS pointer, not the model; fetch the real file "
+                                 "(git lfs pull) first")
         lines = data.splitlines()
         while lines and not lines[-1].strip():
             lines.pop()
