@@ -186,7 +186,7 @@ def test_dropout_changes_segmentation_reproducibly(tok):
         assert tok.decode(ids) == text  # any segmentation decodes to the same text
         seen.add(tuple(ids))
     assert len(seen) > 5
-    assert all(len(s) >= len(base) for s in seen) and any(len(s) > len(base) for s in seen)
+    assert any(len(s) > len(base) for s in seen)  # skipped merges leave more, shorter pieces
     a = tok.encode(text, dropout=0.3, generator=torch.Generator().manual_seed(7))
     b = tok.encode(text, dropout=0.3, generator=torch.Generator().manual_seed(7))
     assert a == b
