@@ -53,7 +53,7 @@ def iter_images(dataset, report: DataReport, skip: int = 0) -> Iterator[tuple[to
 
 def prepare_codes(dataset, encoder, out: str | Path, *, langs: Sequence[str], batch_size: int = 32,
                   shard_size: int = 10000, fmt: str = "safetensors", device: str | torch.device = "cpu",
-                  n_embed: int | None = None) -> dict:
+                  n_embed: int | None = None, extra: dict | None = None) -> dict:
     """Encode ``dataset`` with ``encoder.encode(images (B,3,H,W) [0,1]) -> (B,h,w)`` into shards in ``out``.
 
     Args:
@@ -63,6 +63,7 @@ def prepare_codes(dataset, encoder, out: str | Path, *, langs: Sequence[str], ba
         langs: caption languages stored per image (``txt`` for tar shards).
         batch_size, shard_size: images per encode call / per shard.
         fmt: ``safetensors`` or ``npz``.
+        n_embed: codebook size (int16 vs int32 storage); extra: more fields for index.json (source, split).
 
     Returns:
         The index dict written to ``out/index.json``.
@@ -134,7 +135,7 @@ def prepare_codes(dataset, encoder, out: str | Path, *, langs: Sequence[str], ba
     write_shard(records_seen)
     index = {"shards": entries, "images": sum(e["count"] for e in entries), "langs": list(langs),
              "grid": list(grid) if grid else old.get("grid"), "size": getattr(dataset, "size", None),
-             "report": report.to_dict(), "seconds": round(time.time() - t0, 1)}
+             "report": report.to_dict(), "seconds": round(time.time() - t0, 1), **(extra or {})}
     index_path.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return index
 
@@ -145,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset: built folder (captions.jsonl), table, image folder or .tar shards")
     parser.add_argument("--out", required=True, help="output folder for code shards")
     parser.add_argument("--size", type=int, required=True, help="image side fed to the VQGAN (e.g. 64 or 256)")
-    parser.add_argument("--split", default="all", help="train | test | test_concept | test_style | all (tables)")
+    parser.add_argument("--split", default="train",
+                        help="rows of a built set / table: train (default) | test | test_concept | test_style | all")
     parser.add_argument("--langs", default="ru,en", help="caption languages to store (default ru,en)")
     parser.add_argument("--crop", default="center", choices=["center", "pad"])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -165,7 +167,8 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(dataset, WebDatasetShards):
         langs = ["txt"]
     index = prepare_codes(dataset, vq, args.out, langs=langs, batch_size=args.batch_size,
-                          shard_size=args.shard_size, fmt=args.format, device=device, n_embed=vq.config.n_embed)
+                          shard_size=args.shard_size, fmt=args.format, device=device, n_embed=vq.config.n_embed,
+                          extra={"data": str(args.data), "split": args.split, "vqgan": str(args.vqgan)})
     print(json.dumps({k: index[k] for k in ("images", "grid", "langs", "seconds")} | {"report": index["report"]},
                      ensure_ascii=False))
     return 0
