@@ -256,3 +256,63 @@ def test_tiny_clip_learns_matching_pairs():
     right = model.score(images, ids)
     wrong = model.score(images, ids.roll(1, dims=0))
     assert (right > wrong).float().mean() >= 0.75
+
+
+# ----------------------------------------------------------------------------------- trainer
+COLOURS = [("красный", "red", (1.0, 0.1, 0.1)), ("зелёный", "green", (0.1, 0.9, 0.1)),
+           ("синий", "blue", (0.1, 0.1, 1.0)), ("жёлтый", "yellow", (1.0, 0.9, 0.1)),
+           ("чёрный", "black", (0.05, 0.05, 0.05)), ("белый", "white", (0.95, 0.95, 0.95))]
+SHAPES = [("квадрат", "square"), ("круг", "circle")]
+
+
+def toy_items(noise_seed: int) -> list[dict]:
+    """12 (colour, shape) images 24x20 (non-square: exercises the crop), Russian and English captions."""
+    g = torch.Generator().manual_seed(noise_seed)
+    yy, xx = torch.meshgrid(torch.arange(24), torch.arange(20), indexing="ij")
+    items = []
+    for ru_c, en_c, rgb in COLOURS:
+        for (ru_s, en_s) in SHAPES:
+            if en_s == "circle":
+                mask = (yy - 12) ** 2 + (xx - 10) ** 2 < 36
+            else:
+                mask = ((yy - 12).abs() < 6) & ((xx - 10).abs() < 6)
+            img = torch.full((3, 24, 20), 0.5)
+            img[:, mask] = torch.tensor(rgb).view(3, 1)
+            img = (img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+            key = f"{en_c}-{en_s}"
+            items.append({"image": img, "caption": f"{ru_c} {ru_s}", "lang": "ru", "key": key})
+            items.append({"image": img, "caption": f"{en_c} {en_s}", "lang": "en", "key": key})
+    return items
+
+
+def test_train_clip_end_to_end(tmp_path):
+    text = pytest.importorskip("holst.text")
+    if not hasattr(text, "BPETokenizer"):
+        pytest.skip("holst.text.BPETokenizer not available yet")
+    from holst.config import ClipTrainConfig
+    from holst.train.clip import PairSet, train_clip
+
+    items = toy_items(0)
+    pairs = PairSet.from_items(items, 16)
+    assert len(pairs) == 12 and pairs.captions[0] == ["красный квадрат", "red square"]
+    cfg = ClipTrainConfig(out_dir=str(tmp_path / "run"), preset="tiny", max_steps=50, batch_size=12, lr=2e-3,
+                          warmup_steps=5, eval_every=0, save_every=25, log_every=25, tokenizer_vocab_size=80,
+                          weight_decay=0.0, tensorboard=False, num_threads=1)
+    result = train_clip(cfg, train_data=items, eval_data=toy_items(1))
+    fit = result["train_fit"]
+    # 24 pairs; chance R@1 is 2/24 (the image's two captions). A trained tiny CLIP retrieves most pairs.
+    assert fit["chance_r@1"] == pytest.approx(2 / 24)
+    assert fit["i2t_r@1"] >= 0.5 and fit["t2i_r@1"] >= 0.5, fit
+    assert result["heldout"]["i2t_r@5"] > 5 * result["heldout"]["chance_r@1"], result["heldout"]
+    final = tmp_path / "run" / "final"
+    model = CLIPModel.from_pretrained(final)
+    tok = text.BPETokenizer.from_pretrained(final / "tokenizer")
+    assert json.loads((final / "retrieval.json").read_text())["step"] == 50
+    images = torch.stack([items[i]["image"] for i in range(0, 24, 2)])
+    ids = tok.encode_batch([items[i]["caption"] for i in range(0, 24, 2)], model.config.context_length,
+                           keep_eos=True)
+    right, wrong = model.score(images, ids), model.score(images, ids.roll(2, dims=0))  # other colour
+    assert (right > wrong).float().mean() >= 0.75
+    # Resume: continues from the saved step and stops at the new max_steps.
+    more = train_clip(cfg.replace(max_steps=55), train_data=items, eval_data=None, resume=True)
+    assert more["step"] == 55

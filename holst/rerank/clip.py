@@ -68,6 +68,20 @@ def center_square_crop(images: torch.Tensor) -> torch.Tensor:
     return images[..., top:top + s, left:left + s]
 
 
+def resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Centre square crop, then bilinear (antialiased) resize: (B, 3, H, W) [0, 1] -> (B, 3, R, R) [0, 1]."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) float in [0, 1], got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
+    x = center_square_crop(images)
+    if x.shape[-1] != resolution:
+        # PIL's bilinear resize (what the processor uses) is antialiased when shrinking.
+        x = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", align_corners=False,
+                          antialias=True).to(images.dtype)
+    return x
+
+
 def preprocess_images(images: torch.Tensor, resolution: int, mean: tuple[float, ...], std: tuple[float, ...]
                       ) -> torch.Tensor:
     """ruCLIP's image transform on float tensors.
@@ -79,15 +93,7 @@ def preprocess_images(images: torch.Tensor, resolution: int, mean: tuple[float, 
     Returns:
         (B, 3, R, R) float, normalised, same dtype as ``images``.
     """
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W) float in [0, 1], got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
-    x = center_square_crop(images)
-    if x.shape[-1] != resolution:
-        # PIL's bilinear resize (what the processor uses) is antialiased when shrinking.
-        x = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", align_corners=False,
-                          antialias=True).to(images.dtype)
+    x = resize_square(images, resolution)
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t

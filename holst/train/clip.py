@@ -1,0 +1,388 @@
+"""``holst train clip``: train a CLIP for ranking on image-caption pairs with our BPE tokenizer.
+
+Contrastive loss (CLIP's symmetric cross-entropy; pairs with identical captions count as positives
+of each other, since the emoji set has one caption per concept in several art styles), AdamW with
+warm-up + cosine (holst.train.optim), the shared Engine (single / DDP / precision). Image->text and
+text->image R@1 / R@5 are measured on the dataset's held-out splits (and on as many training pairs,
+to show the fit) every ``eval_every`` steps and at the end.
+
+Output (``out_dir``)::
+
+    checkpoint.pt            training state for --resume
+    metrics.jsonl            loss / lr / retrieval lines
+    final/                   the CLIP a pipeline loads as its clip/ directory:
+      config.json  model.safetensors  tokenizer/bpe.model  retrieval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from holst.config import ClipTrainConfig, ConfigError
+from holst.rerank.clip import CLIPModel, clip_preset, resize_square, retrieval_recall
+from holst.train.checkpoint import (
+    FINAL_DIR,
+    add_train_arguments,
+    checkpoint_path,
+    load_train_config,
+    resolve_resume,
+    set_threads,
+)
+from holst.train.engine import Engine
+from holst.train.optim import build_optimizer, build_scheduler
+from holst.utils.runtime import get_logger
+
+log = get_logger("holst.train.clip")
+
+TOKENIZER_DIR = "tokenizer"
+
+
+# ---------------------------------------------------------------------------------------- data
+class PairSet:
+    """Image-caption pairs held in memory: uint8 images (N, 3, R, R) and a caption list per image.
+
+    Built from any dataset whose items are dicts with ``image`` ((3, H, W) float in [0, 1]) and
+    ``caption`` (str) or ``captions`` (list of str), e.g. the holst.data loaders.
+    """
+
+    def __init__(self, images: torch.Tensor, captions: list[list[str]]) -> None:
+        if images.shape[0] != len(captions):
+            raise ValueError(f"{images.shape[0]} images but {len(captions)} caption lists")
+        empty = [i for i, c in enumerate(captions) if not c]
+        if empty:
+            raise ValueError(f"{len(empty)} item(s) have no caption (first: index {empty[0]})")
+        self.images, self.captions = images, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @classmethod
+    def from_items(cls, items: Any, resolution: int, lang: str = "both", limit: int | None = None) -> PairSet:
+        """Read items of a dataset (iterable or sized+indexable) into memory at ``resolution`` px."""
+        images, captions = [], []
+        seen: dict[Any, int] = {}  # key -> position: one dataset item per (image, language) is one image here
+        for n, item in enumerate(items):
+            if limit is not None and len(images) >= limit:
+                break
+            key = item.get("key")
+            if key is not None and key in seen:
+                caps = captions[seen[key]]
+                caps.extend(c for c in item_captions(item, lang) if c not in caps)
+                continue
+            if key is not None:
+                seen[key] = len(images)
+            image = item["image"]
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"item {n}: 'image' must be (3, H, W) float in [0, 1], got {tuple(image.shape)}")
+            image = resize_square(image.unsqueeze(0).float(), resolution)[0]
+            images.append(to_uint8(image))
+            captions.append(item_captions(item, lang))
+        if not images:
+            raise ValueError("the dataset is empty")
+        return cls(torch.stack(images), captions)
+
+    def batch(self, index: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+        """(B,) indices -> images (B, 3, R, R) float [0, 1] and one caption each (random if several)."""
+        images = self.images[index].float() / 255
+        texts = [rng.choice(self.captions[i]) for i in index.tolist()]
+        return images, texts
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float -> uint8 (round half up); 4x less memory for the in-memory pair set."""
+    return image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def item_captions(item: dict, lang: str) -> list[str]:
+    """The captions of a dataset item for ``lang`` ('ru', 'en' or 'both').
+
+    Items may carry ``caption`` (str), ``captions`` (list) and/or per-language ``ru`` / ``en``.
+    """
+    langs = ("ru", "en") if lang == "both" else (lang,)
+    out = [item[k] for k in langs if isinstance(item.get(k), str) and item[k].strip()]
+    if not out:
+        caps = item.get("captions")
+        if isinstance(caps, (list, tuple)):
+            out = [c for c in caps if isinstance(c, str) and c.strip()]
+    if not out and isinstance(item.get("caption"), str) and item["caption"].strip():
+        out = [item["caption"]]
+    return out
+
+
+def open_split(data: str, split: str, lang: str, size: int) -> Any:
+    """A split of a holst.data table / dataset directory as a dataset of {'image', 'caption', 'key'} dicts."""
+    from holst.data.loaders import TableDataset
+
+    path = Path(data)
+    if not path.exists():
+        raise ConfigError(f"data={data!r}: no such dataset directory or table (build one with `holst data emoji`)")
+    langs = ("ru", "en") if lang == "both" else (lang,)
+    return TableDataset(path, split=split, size=size, langs=langs)
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def load_or_train_tokenizer(cfg: ClipTrainConfig, train: PairSet):
+    """The tokenizer named by ``cfg.tokenizer`` (a directory or a bpe.model file), or a new one
+    trained on the training captions."""
+    from holst.text import BPETokenizer
+
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer)
+        if path.is_dir():
+            if (path / TOKENIZER_DIR).is_dir():  # a CLIP / pipeline directory
+                path = path / TOKENIZER_DIR
+            return BPETokenizer.from_pretrained(path)
+        return BPETokenizer.load(path)
+    texts = [c.lower().strip() for caps in train.captions for c in caps]
+    log.info("training a BPE tokenizer (vocab %d) on %d captions", cfg.tokenizer_vocab_size, len(texts))
+    return BPETokenizer.train(texts, vocab_size=cfg.tokenizer_vocab_size)
+
+
+def encode(tokenizer, texts: list[str], context_length: int, *, dropout: float = 0.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Texts -> (B, l) ids with l <= context_length: trailing all-pad columns are cut (exact, since
+    the text tower is causal and reads the eos position)."""
+    ids = tokenizer.encode_batch(texts, context_length, dropout=dropout, generator=generator, keep_eos=True)
+    used = int((ids != 0).any(dim=0).nonzero().max().item()) + 1 if ids.numel() else 1
+    return ids[:, :used]
+
+
+def caption_groups(texts: Sequence[str]) -> torch.Tensor:
+    """(B,) group ids: equal (lower-cased, stripped) captions share an id."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(t.lower().strip(), len(ids)) for t in texts])
+
+
+def multi_positive_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss where pairs in the same group are all positives (uniform targets).
+
+    With all-distinct groups this equals CLIP's loss (holst.rerank.clip.contrastive_loss).
+    """
+    same = (groups.view(-1, 1) == groups.view(1, -1)).float()  # [B, B]
+    target = same / same.sum(dim=1, keepdim=True)
+    logits = logits.float()
+    return 0.5 * (torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+                  + torch.sum(-target * F.log_softmax(logits.t(), dim=1), dim=1).mean())
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def _union_groups(n_images: int, image_of: list[int], texts: list[str]) -> torch.Tensor:
+    """Group ids over (image, caption) pairs: same image or same caption text -> same group."""
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Any], int] = {}
+    for i, (img, t) in enumerate(zip(image_of, texts)):
+        for key in (("img", img), ("txt", t.lower().strip())):
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    return torch.tensor([find(i) for i in range(len(texts))])
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: CLIPModel, tokenizer, pairs: PairSet, *, max_images: int = 1000,
+                       batch_size: int = 128) -> dict[str, float]:
+    """Image->text and text->image R@1 / R@5 over (up to ``max_images``) pairs.
+
+    Every caption of an image is a pair (so Russian and English captions are both queried);
+    retrieving a pair with the same image or an identical caption counts as correct. ``chance_r@1``
+    is the expected i2t R@1 of a random ranking.
+    """
+    was_training = model.training
+    model.eval()
+    n = min(len(pairs), max_images) if max_images else len(pairs)
+    image_of = [i for i in range(n) for _ in pairs.captions[i]]
+    texts = [c for i in range(n) for c in pairs.captions[i]]
+    device = next(model.parameters()).device
+    img_emb = torch.cat([model.encode_image(pairs.images[s:s + batch_size].to(device).float() / 255).float()
+                         for s in range(0, n, batch_size)])
+    L = model.config.context_length
+    txt_emb = torch.cat([model.encode_text(encode(tokenizer, texts[s:s + batch_size], L).to(device)).float()
+                         for s in range(0, len(texts), batch_size)])
+    groups = _union_groups(n, image_of, texts)
+    out = retrieval_recall(img_emb[image_of], txt_emb, ks=(1, 5), groups=groups.to(device))
+    sizes = torch.bincount(groups).float()
+    out["chance_r@1"] = (sizes[groups] / len(texts)).mean().item()
+    out["pairs"] = float(len(texts))
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(cfg: ClipTrainConfig, vocab_size: int) -> CLIPModel:
+    """A fresh CLIP from ``preset`` + ``model_overrides`` (vocab_size from the tokenizer), or ``init_from``."""
+    if cfg.init_from:
+        model = CLIPModel.from_pretrained(cfg.init_from).train()
+        if model.config.vocab_size < vocab_size:
+            raise ConfigError(f"init_from={cfg.init_from!r}: its vocab_size {model.config.vocab_size} is smaller "
+                              f"than the tokenizer's {vocab_size}; use that CLIP's own tokenizer")
+        return model
+    overrides = {"vocab_size": vocab_size, **cfg.model_overrides}
+    return CLIPModel(clip_preset(cfg.preset, **overrides))
+
+
+# ---------------------------------------------------------------------------------------- training
+def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any = None, tokenizer: Any = None,
+               resume: str | bool | None = None) -> dict[str, Any]:
+    """Train a CLIP and write ``out_dir/final`` (a pipeline clip/ directory).
+
+    Args:
+        cfg: the options.
+        train_data, eval_data: datasets of {'image', 'caption'} dicts, a :class:`PairSet`, or None to
+            open ``cfg.data`` (split ``cfg.train_split`` / ``cfg.eval_splits``) with holst.data.
+        tokenizer: a BPETokenizer (default: ``cfg.tokenizer``, or train one on the captions).
+        resume: see :func:`holst.train.checkpoint.resolve_resume`.
+    Returns:
+        {'step', 'train_loss', 'heldout': {...R@k...}, 'train_fit': {...}, 'final_dir', 'seconds'}.
+    """
+    t_start = time.perf_counter()
+    engine = Engine(cfg)
+    rng = random.Random(cfg.seed + 1000 * engine.rank)
+    g = torch.Generator().manual_seed(cfg.seed + 1000 * engine.rank)
+
+    # Resolution comes from the config the model will have; read it before building the model.
+    resolution = (CLIPModel.config_class.load_json(Path(cfg.init_from) / "config.json").image_resolution
+                  if cfg.init_from else clip_preset(cfg.preset, **cfg.model_overrides).image_resolution)
+    train, heldout = load_pairs(cfg, resolution, train_data, eval_data)
+    heldout = _shuffled(heldout, cfg.seed) if heldout is not None else None
+    log.info("CLIP data: %d training images, %d held-out images", len(train),
+             len(heldout) if heldout is not None else 0)
+
+    if tokenizer is None and cfg.init_from and (Path(cfg.init_from) / TOKENIZER_DIR).is_dir() and not cfg.tokenizer:
+        cfg = cfg.replace(tokenizer=str(Path(cfg.init_from) / TOKENIZER_DIR))
+    tokenizer = tokenizer if tokenizer is not None else load_or_train_tokenizer(cfg, train)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, tokenizer.vocab_size)
+    if cfg.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    log.info("CLIP: %.2fM parameters, %s", sum(p.numel() for p in model.parameters()) / 1e6, model.config)
+    model, optimizer = engine.prepare(model, build_optimizer(model, cfg))
+    scheduler = build_scheduler(optimizer, cfg)
+    bare = engine.unwrap(model)
+
+    step = 0
+    ckpt = resolve_resume(cfg.out_dir, resume)
+    if ckpt is not None:
+        state = engine.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, generator=g)
+        step = int(state["step"])
+        rng.setstate(_to_tuple(state["rng"]))
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    L = bare.config.context_length
+    max_scale = math.log(cfg.logit_scale_max)
+    history: list[dict[str, float]] = []
+    loss_value = float("nan")
+    t0 = time.perf_counter()
+    model.train()
+    while step < cfg.max_steps:
+        for _ in range(cfg.grad_accum):
+            index = torch.randint(len(train), (cfg.batch_size,), generator=g)
+            images, texts = train.batch(index, rng)
+            ids = encode(tokenizer, texts, L, dropout=cfg.bpe_dropout, generator=g)
+            with engine.autocast():
+                logits = model(images.to(engine.device), ids.to(engine.device))
+            loss = multi_positive_loss(logits, caption_groups(texts).to(engine.device))
+            applied = engine.step(loss, optimizer, scheduler, model=model)
+        if applied:
+            with torch.no_grad():
+                bare.logit_scale.clamp_(0, max_scale)  # CLIP's clip at 100
+        step += 1
+        stop = engine.should_stop() or (cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            loss_value = engine.all_reduce_mean(loss.detach()).item()
+            engine.log(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                              "logit_scale": bare.logit_scale.exp().item()}, total=cfg.max_steps)
+        if cfg.eval_every and step % cfg.eval_every == 0 and heldout is not None and engine.is_main:
+            r = evaluate_retrieval(bare, tokenizer, heldout, max_images=cfg.eval_max_images)
+            history.append({"step": step, **r})
+            engine.log(step, {f"heldout_{k}": v for k, v in r.items() if "@" in k})
+        if cfg.save_every and step % cfg.save_every == 0 or stop:
+            engine.save_checkpoint(checkpoint_path(cfg.out_dir), model=model, optimizer=optimizer,
+                                   scheduler=scheduler, generator=g, step=step, rng=rng.getstate())
+        if stop:
+            log.info("stopping at step %d (%s)", step, "signal" if engine.should_stop() else "max_minutes")
+            break
+    loss_value = loss.detach().item() if step else loss_value
+
+    final = Path(cfg.out_dir) / FINAL_DIR
+    engine.save_pretrained(model, final)
+    result: dict[str, Any] = {"step": step, "train_loss": loss_value, "final_dir": str(final)}
+    if engine.is_main:
+        tokenizer.save_pretrained(final / TOKENIZER_DIR)
+        n_eval = cfg.eval_max_images
+        if heldout is not None:
+            result["heldout"] = evaluate_retrieval(bare, tokenizer, heldout, max_images=n_eval)
+        n_fit = min(len(train), len(heldout) if heldout is not None else len(train), n_eval or len(train))
+        result["train_fit"] = evaluate_retrieval(bare, tokenizer, _shuffled(train, cfg.seed), max_images=n_fit)
+        result["seconds"] = round(time.perf_counter() - t_start, 1)
+        result["history"] = history
+        result["config"] = cfg.to_dict()
+        (final / "retrieval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+        log.info("held-out retrieval: %s", result.get("heldout"))
+        log.info("training-pair retrieval: %s", result["train_fit"])
+    engine.barrier()
+    engine.close()
+    return result
+
+
+def load_pairs(cfg: ClipTrainConfig, resolution: int, train_data: Any = None, eval_data: Any = None
+               ) -> tuple[PairSet, PairSet | None]:
+    """Training and held-out pairs: the given datasets, or ``cfg.data``'s train / eval splits."""
+    lang = cfg.caption_lang
+    if train_data is not None:
+        train = _as_pairs(train_data, resolution, lang)
+        return train, (_as_pairs(eval_data, resolution, lang) if eval_data is not None else None)
+    train = _as_pairs(open_split(cfg.data, cfg.train_split, lang, resolution), resolution, lang)
+    if eval_data is not None:
+        return train, _as_pairs(eval_data, resolution, lang)
+    datasets = [open_split(cfg.data, s, lang, resolution) for s in cfg.eval_splits]
+    parts = [_as_pairs(d, resolution, lang) for d in datasets if len(d)]
+    if not parts:
+        return train, None
+    return train, PairSet(torch.cat([p.images for p in parts]), [c for p in parts for c in p.captions])
+
+
+def _as_pairs(data: Any, resolution: int, lang: str) -> PairSet:
+    return data if isinstance(data, PairSet) else PairSet.from_items(data, resolution, lang)
+
+
+def _shuffled(pairs: PairSet, seed: int) -> PairSet:
+    """A fixed permutation, so that ``eval_max_images`` takes a seeded sample, not the first styles."""
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    return PairSet(pairs.images[order], [pairs.captions[i] for i in order.tolist()])
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_train_config(ClipTrainConfig, args.config, args.overrides)
+    set_threads(cfg.num_threads)
+    result = train_clip(cfg, resume=args.resume)
+    summary = {k: result[k] for k in ("step", "train_loss", "final_dir", "seconds", "heldout", "train_fit")
+               if k in result}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
