@@ -126,3 +126,30 @@ def test_filter_cli_on_image_folder_reports_bad_caption(tmp_path):
     filter_cli.main(parser.parse_args(["--input", str(tmp_path), "--out", str(out)]))
     report = json.loads(Path(str(out) + ".report.json").read_text(encoding="utf-8"))
     assert report["removed"] == {"caption_not_utf8": 1} and report["caption_not_utf8_files"][0].endswith("b.txt")
+
+
+def test_clip_scorer_from_a_holst_clip_directory(pairs, tmp_path):
+    clip_mod = pytest.importorskip("holst.rerank.clip")
+    text_mod = pytest.importorskip("holst.text")
+    from holst.data.filters import clip_scorer
+
+    rows, root = pairs
+    torch.manual_seed(0)
+    model = clip_mod.CLIPModel(clip_mod.clip_preset("tiny")).eval()
+    model.save_pretrained(tmp_path / "clip")
+    tok = text_mod.BPETokenizer.train([r["ru"] or "" for r in rows] * 5, vocab_size=model.config.vocab_size)
+    tok.save_pretrained(tmp_path / "clip" / "tokenizer")
+    scorer = clip_scorer(tmp_path / "clip")
+    images = [picture(i) for i in range(3)]
+    scores = scorer(images, ["хорошая подпись", "другая", "третья"])
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    with torch.no_grad():  # same numbers as the model's own score on the same tensors
+        from holst.data.images import image_to_tensor, resize_crop
+
+        r = model.config.image_resolution
+        batch = torch.stack([image_to_tensor(resize_crop(im, r, "center")) for im in images])
+        ids = tok.encode_batch(["хорошая подпись", "другая", "третья"], model.config.context_length, keep_eos=True)
+        assert torch.allclose(scores, model.score(batch, ids).float(), atol=1e-5)
+    threshold = float(scores.median())
+    kept, report = filter_pairs(rows, root, options=FilterOptions(min_clip_score=threshold), scorer=scorer)
+    assert report.removed["clip_mismatch"] >= 1 and all(r["clip_score"] >= threshold for r in kept)
