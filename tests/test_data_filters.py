@@ -153,3 +153,40 @@ def test_clip_scorer_from_a_holst_clip_directory(pairs, tmp_path):
     threshold = float(scores.median())
     kept, report = filter_pairs(rows, root, options=FilterOptions(min_clip_score=threshold), scorer=scorer)
     assert report.removed["clip_mismatch"] >= 1 and all(r["clip_score"] >= threshold for r in kept)
+
+
+def test_filter_cli_on_tar_shards(tmp_path):
+    import io
+    import tarfile
+
+    from holst.data import WebDatasetShards, filter_cli
+
+    def png(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    samples = [("a", picture(0), "первая картинка"), ("b", picture(0), "копия первой"), ("c", picture(2), "к"),
+               ("d", picture(3), "четвёртая картинка"), ("e", None, "сломанная картинка"),
+               ("f", picture(5), "шестая картинка")]
+    src = tmp_path / "in"
+    src.mkdir()
+    for s, chunk in enumerate((samples[:3], samples[3:])):
+        with tarfile.open(src / f"{s:05d}.tar", "w") as tar:
+            for key, image, caption in chunk:
+                for ext, data in (("png", png(image) if image else b"junk"), ("txt", caption.encode()),
+                                  ("json", b'{"k": 1}')):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    parser = argparse.ArgumentParser()
+    filter_cli.add_arguments(parser)
+    out = tmp_path / "out"
+    args = ["--input", str(src), "--out", str(out), "--samples-per-shard", "2"]
+    assert filter_cli.main(parser.parse_args(args)) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["part-00000.tar", "part-00001.tar"]
+    kept = list(WebDatasetShards(out, size=16))
+    assert [s["key"].split(":")[1] for s in kept] == ["a", "d", "f"] and kept[1]["meta"] == {"k": 1}
+    report = json.loads((out / "filter.report.json").read_text(encoding="utf-8"))
+    assert report["removed"] == {"exact_duplicate": 1, "caption_too_short": 1, "bad_image:not_image": 1}
+    assert report["read"] == 6 and report["kept"] == 3

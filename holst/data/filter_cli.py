@@ -3,6 +3,8 @@
 Input: a built dataset folder (``captions.jsonl``), a JSONL/CSV/Parquet table, or a folder of images with
 same-named ``.txt`` captions. Output: a JSONL table that :class:`holst.data.TableDataset` reads (image
 paths rewritten relative to the output file) plus ``<out>.report.json`` with removals by reason.
+WebDataset .tar shards in (file, glob, brace range or folder of .tar) give shards out: ``--out`` is then
+a folder of ``part-NNNNN.tar`` (kept samples, members unchanged) plus ``filter.report.json``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from holst.data.filters import FilterOptions, clip_scorer, filter_pairs
+from holst.data.filters import FilterOptions, clip_scorer, filter_pairs, filter_shards
 from holst.data.images import BadSample, DataReport, decode_caption
-from holst.data.loaders import IMAGE_EXTS, read_table
+from holst.data.loaders import IMAGE_EXTS, is_shard_source, read_table
 
 
 def load_rows(source: Path, caption_key: str, scan: DataReport) -> tuple[list[dict], Path, list[str]]:
@@ -56,12 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", default=None, help="CLIP directory (config.json, model.safetensors, tokenizer/)")
     parser.add_argument("--min-clip-score", type=float, default=None, help="drop pairs scoring below this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples-per-shard", type=int, default=10000, help="output shard size (tar input)")
 
 
 def main(args: argparse.Namespace) -> int:
     source, out = Path(args.input), Path(args.out)
-    scan = DataReport()
-    rows, root, bad_captions = load_rows(source, args.lang, scan)
     options = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
                             min_side=args.min_side, max_aspect=args.max_aspect, exact_dedup=not args.no_exact_dedup,
                             near_dup_distance=None if args.near_dup_distance < 0 else args.near_dup_distance,
@@ -71,6 +72,16 @@ def main(args: argparse.Namespace) -> int:
         scorer = clip_scorer(args.clip, args.device)
         if options.min_clip_score is None:
             raise SystemExit("--clip needs --min-clip-score (the score below which pairs are dropped)")
+    if is_shard_source(args.input):
+        report = filter_shards([args.input], out, options=options, scorer=scorer,
+                               samples_per_shard=args.samples_per_shard)
+        (out / "filter.report.json").write_text(json.dumps({"input": args.input, "out": str(out),
+                                                            **report.to_dict()}, indent=2, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+        print(report.summary())
+        return 0
+    scan = DataReport()
+    rows, root, bad_captions = load_rows(source, args.lang, scan)
     kept, report = filter_pairs(rows, root, caption_key=args.lang, options=options, scorer=scorer)
     for reason, n in scan.skipped.items():  # unreadable table rows count as read and removed
         report.read += n

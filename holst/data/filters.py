@@ -158,6 +158,97 @@ def _resolve(row: dict, root: Path) -> Path:
     return Path(rel) if Path(rel).is_absolute() else root / rel
 
 
+class PairFilter:
+    """The filters as a stream: :meth:`add` pairs one by one, :meth:`take` the accepted ones in order.
+
+    Pairs wait in a batch for the CLIP scorer when ``options.min_clip_score`` is set (call
+    :meth:`flush` at the end); otherwise they are accepted or rejected at once. ``report`` counts
+    every removal by reason, with example keys.
+    """
+
+    def __init__(self, options: FilterOptions | None = None, scorer: Scorer | None = None) -> None:
+        self.opt = options or FilterOptions()
+        if self.opt.min_clip_score is not None and scorer is None:
+            raise ValueError("min_clip_score is set but no CLIP scorer was given (pass --clip DIR)")
+        self.scorer = scorer
+        self.report = FilterReport()
+        self.seen_exact: dict[str, str] = {}
+        self.near = NearDuplicateIndex(self.opt.near_dup_distance) if self.opt.near_dup_distance is not None else None
+        self.near_keys: list[str] = []
+        self.pending: list[tuple[str, object, dict, Image.Image, str]] = []  # awaiting a CLIP score
+        self.accepted: list[tuple[object, dict]] = []
+
+    def add(self, key: str, image_source: bytes | str | Path, caption: str | bytes | None, payload: object) -> None:
+        """Filter one pair; ``payload`` comes back from :meth:`take` with an info dict if it is kept."""
+        opt, report = self.opt, self.report
+        report.read += 1
+        if isinstance(caption, bytes):
+            try:
+                caption = caption.decode("utf-8")
+            except UnicodeDecodeError:
+                report.remove("caption_not_utf8", key)
+                return
+        if not isinstance(caption, str) or not caption.strip():
+            report.remove("no_caption", key)
+            return
+        caption = " ".join(caption.split())
+        if len(caption) < opt.min_caption_chars or len(caption.split()) < opt.min_caption_words:
+            report.remove("caption_too_short", key)
+            return
+        try:
+            image = decode_image(image_source, max_pixels=opt.max_pixels, report=report.decode, key=key)
+        except BadSample as e:
+            report.remove(f"bad_image:{e.reason}", key)
+            return
+        w, h = image.size
+        if opt.min_side and min(w, h) < opt.min_side:
+            report.remove("image_too_small", key)
+            return
+        if opt.max_aspect and max(w, h) / min(w, h) > opt.max_aspect:
+            report.remove("extreme_aspect_ratio", key)
+            return
+        if opt.exact_dedup:
+            digest = pixel_hash(image)
+            if digest in self.seen_exact:
+                report.remove("exact_duplicate", f"{key} = {self.seen_exact[digest]}")
+                return
+            self.seen_exact[digest] = key
+        ph = phash(image)
+        if self.near is not None:
+            hit = self.near.query(ph)
+            if hit is not None:
+                report.remove("near_duplicate", f"{key} ~ {self.near_keys[hit]}")
+                return
+            self.near.add(ph)
+            self.near_keys.append(key)
+        info = {"phash": f"{ph:016x}", "width": w, "height": h}
+        if opt.min_clip_score is None:
+            self.accepted.append((payload, info))
+            return
+        self.pending.append((key, payload, info, image, caption))
+        if len(self.pending) >= opt.clip_batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the pairs waiting for CLIP and accept those at or above ``min_clip_score``."""
+        if not self.pending:
+            return
+        with torch.no_grad():
+            scores = self.scorer([p[3] for p in self.pending], [p[4] for p in self.pending])
+        for (key, payload, info, _, _), s in zip(self.pending, torch.as_tensor(scores).flatten().tolist()):
+            if s < self.opt.min_clip_score:
+                self.report.remove("clip_mismatch", key)
+            else:
+                self.accepted.append((payload, {**info, "clip_score": round(float(s), 4)}))
+        self.pending.clear()
+
+    def take(self) -> list[tuple[object, dict]]:
+        """The (payload, info) pairs accepted since the last call, in input order."""
+        out, self.accepted = self.accepted, []
+        self.report.kept += len(out)
+        return out
+
+
 def filter_pairs(rows: Sequence[dict], root: str | Path, *, caption_key: str = "ru",
                  options: FilterOptions | None = None, scorer: Scorer | None = None) -> tuple[list[dict], FilterReport]:
     """Run the filters over table rows.
@@ -170,87 +261,77 @@ def filter_pairs(rows: Sequence[dict], root: str | Path, *, caption_key: str = "
         scorer: CLIP scorer; with ``options.min_clip_score`` set, pairs scoring below it are removed.
 
     Returns:
-        (kept rows, each with ``phash`` (hex) and ``width``/``height`` added; report).
+        (kept rows, each with ``phash`` (hex) and ``width``/``height`` (and ``clip_score``) added; report).
     """
-    opt = options or FilterOptions()
-    if opt.min_clip_score is not None and scorer is None:
-        raise ValueError("min_clip_score is set but no CLIP scorer was given (pass --clip DIR)")
+    pf = PairFilter(options, scorer)
     root = Path(root)
-    report = FilterReport()
-    seen_exact: dict[str, str] = {}
-    near = NearDuplicateIndex(opt.near_dup_distance) if opt.near_dup_distance is not None else None
-    near_keys: list[str] = []
     kept: list[dict] = []
-    pending: list[tuple[dict, Image.Image, str]] = []  # awaiting a CLIP score
-
-    def flush() -> None:
-        if not pending:
-            return
-        with torch.no_grad():
-            scores = scorer([p[1] for p in pending], [p[2] for p in pending])
-        for (row, _, _), s in zip(pending, torch.as_tensor(scores).flatten().tolist()):
-            if s < opt.min_clip_score:
-                report.remove("clip_mismatch", row["_key"])
-            else:
-                kept.append({**row, "clip_score": round(float(s), 4)})
-        pending.clear()
-
     for n, row in enumerate(rows):
-        report.read += 1
         key = str(row.get("file") or row.get("path") or row.get("key") or n)
         caption = row.get(caption_key) if row.get(caption_key) is not None else row.get("caption")
-        if isinstance(caption, bytes):
-            try:
-                caption = caption.decode("utf-8")
-            except UnicodeDecodeError:
-                report.remove("caption_not_utf8", key)
-                continue
-        if not isinstance(caption, str) or not caption.strip():
-            report.remove("no_caption", key)
-            continue
-        caption = " ".join(caption.split())
-        if len(caption) < opt.min_caption_chars or len(caption.split()) < opt.min_caption_words:
-            report.remove("caption_too_short", key)
-            continue
         try:
-            image = decode_image(_resolve(row, root), max_pixels=opt.max_pixels, report=report.decode, key=key)
+            source = _resolve(row, root)
         except BadSample as e:
-            report.remove(f"bad_image:{e.reason}", key)
+            pf.report.read += 1
+            pf.report.remove(e.reason, key)
             continue
-        w, h = image.size
-        if opt.min_side and min(w, h) < opt.min_side:
-            report.remove("image_too_small", key)
-            continue
-        if opt.max_aspect and max(w, h) / min(w, h) > opt.max_aspect:
-            report.remove("extreme_aspect_ratio", key)
-            continue
-        if opt.exact_dedup:
-            digest = pixel_hash(image)
-            if digest in seen_exact:
-                report.remove("exact_duplicate", f"{key} = {seen_exact[digest]}")
+        pf.add(key, source, caption, row)
+        kept += [{**r, **info} for r, info in pf.take()]
+    pf.flush()
+    kept += [{**r, **info} for r, info in pf.take()]
+    return kept, pf.report
+
+
+def filter_shards(shards: Sequence[str | Path], out: str | Path, *, caption_ext: str = "txt",
+                  options: FilterOptions | None = None, scorer: Scorer | None = None,
+                  samples_per_shard: int = 10000) -> FilterReport:
+    """Filter WebDataset tar shards into new shards ``out/part-NNNNN.tar`` (members copied unchanged).
+
+    Returns:
+        The report (a corrupt input shard is counted as ``corrupt_shard`` and the rest of it skipped).
+    """
+    import io
+    import tarfile
+
+    from holst.data.loaders import expand_shards, iter_tar_samples
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pf = PairFilter(options, scorer)
+    writer: list = [None, 0, 0]  # open tarfile, samples in it, shard index
+
+    def write(samples: list[tuple[object, dict]]) -> None:
+        for (key, files), _ in samples:
+            if writer[0] is None or writer[1] >= samples_per_shard:
+                if writer[0] is not None:
+                    writer[0].close()
+                writer[0] = tarfile.open(out / f"part-{writer[2]:05d}.tar", "w")
+                writer[1], writer[2] = 0, writer[2] + 1
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                writer[0].addfile(info, io.BytesIO(data))
+            writer[1] += 1
+
+    scan = DataReport()
+    for shard in expand_shards(list(shards)):
+        for key, files in iter_tar_samples(Path(shard), scan):
+            ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+            name = f"{Path(shard).name}:{key}"
+            if ext is None:
+                pf.report.read += 1
+                pf.report.remove("no_image", name)
                 continue
-            seen_exact[digest] = key
-        ph = phash(image)
-        if near is not None:
-            hit = near.query(ph)
-            if hit is not None:
-                report.remove("near_duplicate", f"{key} ~ {near_keys[hit]}")
-                continue
-            near.add(ph)
-            near_keys.append(key)
-        out_row = {**row, "phash": f"{ph:016x}", "width": w, "height": h}
-        if opt.min_clip_score is not None:
-            pending.append(({**out_row, "_key": key}, image, caption))
-            if len(pending) >= opt.clip_batch_size:
-                flush()
-        else:
-            kept.append(out_row)
-    if opt.min_clip_score is not None:
-        flush()
-        for r in kept:
-            r.pop("_key", None)
-    report.kept = len(kept)
-    return kept, report
+            pf.add(name, files[ext], files.get(caption_ext), (key, files))
+            write(pf.take())
+    pf.flush()
+    write(pf.take())
+    if writer[0] is not None:
+        writer[0].close()
+    for reason, n in scan.skipped.items():
+        pf.report.removed[reason] += n
+        pf.report.examples[reason].append(scan.examples[reason])
+    return pf.report
 
 
 def clip_scorer(clip_dir: str | Path, device: str = "cpu") -> Scorer:

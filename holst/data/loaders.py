@@ -466,7 +466,7 @@ class WebDatasetShards(IterableDataset):
         return {"image": image_to_tensor(image), "caption": caption, "lang": "txt", "key": key, "meta": meta}
 
 
-def _is_shards(source: str | Path) -> bool:
+def is_shard_source(source: str | Path) -> bool:
     text = str(source)
     path = Path(text)
     if text.endswith(".tar") or ("{" in text and ".." in text):
@@ -488,12 +488,12 @@ def open_dataset(source: str | Path | Sequence[str | Path], **kwargs) -> Dataset
     if isinstance(source, (list, tuple)):
         if len(source) == 1:
             return open_dataset(source[0], **kwargs)
-        if all(_is_shards(s) for s in source):
+        if all(is_shard_source(s) for s in source):
             return WebDatasetShards(list(source), **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
-        if any(_is_shards(s) for s in source):
+        if any(is_shard_source(s) for s in source):
             raise ValueError(f"cannot mix .tar shards with other sources in one dataset: {list(source)}")
         return torch.utils.data.ConcatDataset([open_dataset(s, **kwargs) for s in source])
-    if _is_shards(source):
+    if is_shard_source(source):
         return WebDatasetShards(source, **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
     path = Path(source)
     if path.is_dir() and not (path / "captions.jsonl").is_file():
