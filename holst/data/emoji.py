@@ -147,8 +147,12 @@ class IconSet:
 
 
 def load_icon_sets(styles: list[str], cache: Path, offline: bool) -> tuple[dict[str, IconSet], dict[str, Path]]:
+    """Icon sets of ``styles`` (fetching their tarballs) plus the tarball of every package read.
+
+    A style whose chars.json lacks code points (fluent-3d) is joined through another style's names.
+    """
     tarballs: dict[str, Path] = {}
-    sets: dict[str, IconSet] = {}
+    icons_of: dict[str, dict] = {}
     chars_of: dict[str, dict] = {}
     needed = list(dict.fromkeys([s for st in styles for s in (st, STYLES[st][3]) if s]))
     for style in needed:
@@ -157,10 +161,8 @@ def load_icon_sets(styles: list[str], cache: Path, offline: bool) -> tuple[dict[
         files = read_tgz_members(tarballs[style], ["chars.json"] + (["icons.json"] if style in styles else []))
         chars_of[style] = json.loads(files["chars.json"])
         if style in styles:
-            sets[style] = json.loads(files["icons.json"])
-    for style in styles:
-        name_source = STYLES[style][3] or style
-        sets[style] = IconSet(sets[style], chars_of[name_source])
+            icons_of[style] = json.loads(files["icons.json"])
+    sets = {style: IconSet(icons_of[style], chars_of[STYLES[style][3] or style]) for style in styles}
     return sets, tarballs
 
 
