@@ -373,12 +373,11 @@ class Text2ImagePipeline:
 
     def preview(self, codes_so_far: torch.Tensor) -> list[Image.Image]:
         """Partial codes (B, n) -> preview images: the finished rows decoded, the rest grey."""
+        from holst.sampling import partial_grid
+
         D, f = self.dalle.config.image_tokens_per_dim, self.vqgan.downsample_factor
-        B, n = codes_so_far.shape
-        full = torch.zeros(B, D * D, dtype=torch.long, device=codes_so_far.device)
-        full[:, :n] = codes_so_far
-        images = self.decode(full)
-        rows = n // D
+        images = self.decode(partial_grid(codes_so_far, D))  # (B, D, D) -> (B, 3, H, W)
+        rows = codes_so_far.shape[1] // D
         images[:, :, rows * f:] = 0.5
         return tensor_to_pil(images)
 

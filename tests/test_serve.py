@@ -101,6 +101,9 @@ def test_generate_json_matches_the_pipeline(server, pipe):
     assert status == 200 and hdrs["Content-Type"] == "image/png" and hdrs["X-Seed"] == str(direct.seeds[0])
     assert Image.open(io.BytesIO(data)).size == (pipe.image_size, pipe.image_size)
     assert server.request("GET", "/v1/images/unknown.png")[0] == 404
+    assert res["warnings"] == []
+    status, _, long = server.json("POST", "/v1/generate", {"prompt": "красный синий " * 30, "num_images": 1})
+    assert status == 200 and "cut off" in long["warnings"][0]
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -25,6 +25,7 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class Job:
     best_png: bytes | None = None
     error: RequestError | None = None
     cancelled: bool = False
+    warnings: list[str] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.monotonic)
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
@@ -265,7 +267,7 @@ class BatchWorker:
         job.best_png = pngs[0]
         job.result = {"id": secrets.token_hex(8), "prompt": job.request.prompt, "settings": out.settings,
                       "images": images, "grid_url": f"/v1/images/{grid_key}.png" if grid_key else images[0]["url"],
-                      "elapsed_s": round(time.monotonic() - job.created, 4)}
+                      "warnings": job.warnings, "elapsed_s": round(time.monotonic() - job.created, 4)}
         job.emit("result", job.result)
         job.finish()
 
@@ -450,14 +452,17 @@ class Handler(BaseHTTPRequestHandler):
             settings = pipe.resolve_settings(num_images=request.num_images, top_k=request.top_k, top_p=request.top_p,
                                              temperature=request.temperature, guidance_scale=request.guidance_scale,
                                              rerank=request.rerank, upscale=request.upscale, batch_size=None)
-            pipe.encode_prompts([request.prompt])  # empty / unusable captions fail here, before queueing
+            with warnings.catch_warnings(record=True) as caught:  # e.g. "the end of the caption is cut off"
+                warnings.simplefilter("always")
+                pipe.encode_prompts([request.prompt])  # empty / unusable captions fail here, before queueing
         except ValueError as e:
             raise RequestError(422, str(e)) from None
         if settings.num_images > self.server.config.max_images_per_request:
             raise RequestError(422, f"num_images={settings.num_images} exceeds this server's "
                                     f"{self.server.config.max_images_per_request}")
         seeds = make_seeds(settings.num_images, seed=request.seed)
-        return Job(request=request, settings=settings, seeds=seeds, events=collections.deque() if stream else None)
+        return Job(request=request, settings=settings, seeds=seeds, events=collections.deque() if stream else None,
+                   warnings=[str(w.message) for w in caught])
 
     def _wait_and_answer(self, job: Job) -> None:
         if not job.done.wait(timeout=self.server.config.request_timeout_s):

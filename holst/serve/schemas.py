@@ -155,7 +155,8 @@ def openapi_schema(config: ServeConfig, version: str) -> dict[str, Any]:
     result = {"type": "object", "properties": {
         "id": {"type": "string"}, "prompt": {"type": "string"}, "settings": {"type": "object"},
         "images": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}},
-        "grid_url": {"type": "string"}, "elapsed_s": {"type": "number"}}}
+        "grid_url": {"type": "string"}, "elapsed_s": {"type": "number"},
+        "warnings": {"type": "array", "items": {"type": "string"}, "description": "e.g. the caption was cut"}}}
     error = {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
     err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     busy = {"description": "the queue is full; retry after the Retry-After header's seconds", **err}
