@@ -370,3 +370,47 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for k in sa:
         # Adam turns float-rounding differences of near-zero gradients into differences of up to ~lr/100.
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-4)
+
+
+def test_on_the_fly_vqgan_encoding_and_sample_grid(tmp_path):
+    """An image dataset encoded by a (random) VQGAN each step, and a sample grid written at step 2."""
+    vqgan_mod = pytest.importorskip("holst.vqgan")
+    pytest.importorskip("holst.sampling")
+    from holst.vqgan.presets import get_vqgan_preset
+
+    torch.manual_seed(0)
+    vq = vqgan_mod.VQGAN(get_vqgan_preset("tiny")).eval()  # 32 px -> 4x4 codes of 64, as the tiny DALL-E
+    g = torch.Generator().manual_seed(0)
+    images = [{"image": torch.rand(3, 32, 32, generator=g), "caption": f"picture {i % 3}"} for i in range(8)]
+    cfg = DalleTrainConfig.from_dict(tiny_cfg(tmp_path, "fly", max_steps=2, batch_size=4, save_every=0,
+                                              sample_every=2, sample_prompts=["picture 1", "picture 2"]))
+    result = train_dalle(cfg, dataset=images, tokenizer=CharTokenizer(), vqgan=vq)
+    assert result["step"] == 2 and (tmp_path / "fly" / "final" / "model.safetensors").is_file()
+    grid = tmp_path / "fly" / "samples" / "step_0000002.png"
+    assert grid.is_file()
+    from PIL import Image
+
+    assert Image.open(grid).size[1] == 32 + 2 * 2  # one row of 32 px images with 2 px padding
+
+
+def test_cli_with_real_tokenizer_and_code_shards(tmp_path, capsys):
+    """`holst train dalle --config x.yaml --set ...` end to end: BPE tokenizer dir + a code shard folder."""
+    text_mod = pytest.importorskip("holst.text")
+    codes_mod = pytest.importorskip("holst.data.codes")
+    from holst.cli import main
+
+    captions = [f"красный круг {i}" if i % 2 else f"синий квадрат {i}" for i in range(16)]
+    tok = text_mod.BPETokenizer.train(captions * 4, vocab_size=60, lowercase=True)
+    tok.save_pretrained(tmp_path / "tok")
+    codes = torch.stack([(torch.arange(16) * (1 + i % 2)) % 64 for i in range(16)]).reshape(16, 4, 4)
+    codes_mod.write_code_shard(tmp_path / "codes" / "shard-000.safetensors", codes, {"ru": captions})
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\ntokenizer: {tmp_path / 'tok'}\ncodes: [{tmp_path / 'codes'}]\n"
+                      f"out_dir: {tmp_path / 'run'}\nbatch_size: 4\nmax_steps: 6\nlog_every: 2\ntensorboard: false\n")
+    assert main(["train", "dalle", "--config", str(config), "--set", "max_steps=3", "--set", "lr=1e-3"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    assert sorted(read_metrics(tmp_path / "run")) == [2, 3]
+    assert main(["train", "dalle", "--config", str(config), "--resume"]) == 0  # continues 3 -> 6
+    assert sorted(read_metrics(tmp_path / "run")) == [2, 3, 4, 6]
+    model = DalleModel.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.text_seq_length == 16

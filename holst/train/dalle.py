@@ -160,7 +160,8 @@ class DalleBatches:
 def build_model(cfg: DalleTrainConfig) -> DalleModel:
     """A fresh preset model (seeded by ``cfg.seed``, same on every rank) or ``init_from`` weights."""
     if cfg.init_from:
-        model = DalleModel.from_pretrained(cfg.init_from)
+        # fp32 master weights whatever the file holds (a converted checkpoint may be fp16).
+        model = DalleModel.from_pretrained(cfg.init_from, dtype=torch.float32)
         model.attn_impl = cfg.attn_impl
         if cfg.model_overrides:
             log.warning("model_overrides is ignored with init_from (the checkpoint's config is used)")
@@ -232,7 +233,7 @@ def save_samples(model: DalleModel, tokenizer: Any, vqgan: Any, prompts: list[st
     """Generate one image per prompt and save a grid PNG; False (and a log line) when unavailable."""
     try:
         from holst.sampling import sample_image_codes
-        from holst.utils.images import make_grid, save_png
+        from holst.utils.images import make_grid, save_png, tensor_to_pil
     except ImportError as e:
         log.info("sample images skipped: %s", e)
         return False
@@ -246,7 +247,7 @@ def save_samples(model: DalleModel, tokenizer: Any, vqgan: Any, prompts: list[st
         D = model.config.image_tokens_per_dim
         images = vqgan.decode(codes.reshape(-1, D, D).to(next(vqgan.parameters()).device))  # (B, 3, H, W)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(make_grid(images.float().cpu(), nrow=min(len(prompts), 8)), path)
+        save_png(make_grid(tensor_to_pil(images.float().clamp(0, 1).cpu()), nrow=min(len(prompts), 8)), path)
     finally:
         model.train(was_training)
     return True
@@ -285,7 +286,10 @@ def _train(engine: Engine, cfg: DalleTrainConfig, *, dataset: Any, tokenizer: An
         cfg.save_yaml(out_dir / "train_config.yaml")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     if vqgan is None and cfg.vqgan:
-        vqgan = load_vqgan(cfg.vqgan, engine.device)
+        if Path(cfg.vqgan).exists() or cfg.images:
+            vqgan = load_vqgan(cfg.vqgan, engine.device)
+        else:  # only needed for sample grids: train anyway
+            log.warning("vqgan=%s does not exist: no sample images", cfg.vqgan)
 
     bare = build_model(cfg)
     mc = bare.config
