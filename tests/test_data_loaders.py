@@ -288,3 +288,17 @@ def test_table_rows_that_are_not_utf8_or_json_are_reported(tmp_path: Path):
     (tmp_path / "t.csv").write_bytes("file,ru\na.png,да\n".encode() + "a.png,нет\n".encode("cp1251"))
     csv_ds = TableDataset(tmp_path / "t.csv", size=8)
     assert len(csv_ds) == 1 and csv_ds.scan_report.examples["caption_not_utf8"].endswith("t.csv:3")
+
+
+def test_webdataset_random_crops_survive_resume(tmp_path: Path):
+    d = tmp_path / "s"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    write_shard(d / "0.tar", [(f"{i:03d}", {"png": png_bytes(Image.fromarray(
+        rng.integers(0, 255, (30, 60, 3), dtype=np.uint8))), "txt": b"x"}) for i in range(6)])
+    full = list(WebDatasetShards(d, size=16, crop="random", seed=1))
+    tail = list(WebDatasetShards(d, size=16, crop="random", seed=1, start_sample=4))
+    assert [s["key"] for s in tail] == [s["key"] for s in full[4:]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(tail, full[4:]))
+    other = list(WebDatasetShards(d, size=16, crop="random", seed=2))
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(other, full))

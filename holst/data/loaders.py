@@ -433,13 +433,13 @@ class WebDatasetShards(IterableDataset):
                     j += 1
                 if position < to_skip:
                     continue
-                sample = self._decode(f"{shard.name}:{key}", files, position)
+                sample = self._decode(f"{shard.name}:{key}", files, position * n + reader)
                 if sample is not None:
                     yield sample
         if sum(self.report.skipped.values()):
             log.info("reader %d/%d: %s", reader, n, self.report.summary())
 
-    def _decode(self, key: str, files: dict[str, bytes], position: int) -> dict | None:
+    def _decode(self, key: str, files: dict[str, bytes], stream_index: int) -> dict | None:
         self.report.read += 1
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
         try:
@@ -453,8 +453,8 @@ class WebDatasetShards(IterableDataset):
             self.report.skip(e.reason, key)
             log.warning("skipping bad sample: %s", e)
             return None
-        gen = _item_generator(self.seed, self.epoch, position * self.world_size + self.rank) \
-            if self.crop == "random" else None
+        # unique per (reader, position): the same sample gets the same crop when a run is resumed
+        gen = _item_generator(self.seed, self.epoch, stream_index) if self.crop == "random" else None
         image = resize_crop(image, self.size, self.crop, generator=gen)
         meta = {}
         if "json" in files:
