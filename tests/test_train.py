@@ -414,3 +414,27 @@ def test_cli_with_real_tokenizer_and_code_shards(tmp_path, capsys):
     assert sorted(read_metrics(tmp_path / "run")) == [2, 3, 4, 6]
     model = DalleModel.from_pretrained(tmp_path / "run" / "final")
     assert model.config.text_seq_length == 16
+
+
+def test_fp16_loss_scaling_skips_overflow_and_checkpoints_the_scale(tmp_path):
+    """The GPU fp16 path, run on CPU: an overflowing step is skipped and halves the scale; the scaler resumes."""
+    cfg = TrainConfig(out_dir=str(tmp_path), tensorboard=False, precision="fp16", loss_scale_init=1024.0)
+    with Engine(cfg) as engine:
+        model, _ = engine.prepare(_tiny_model(), None)
+        opt = build_optimizer(model, cfg)
+
+        def loss_of(seed: int) -> torch.Tensor:
+            with engine.autocast():
+                logits = model(_ids(4, seed))
+            assert logits.dtype == torch.float16
+            return model.compute_loss(_ids(4, seed), logits=logits)[0]
+
+        assert engine.step(loss_of(0), opt, model=model) and engine.loss_scale == 1024.0
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert not engine.step(loss_of(1) * 1e6, opt, model=model)  # fp16 gradients overflow
+        assert engine.skipped_steps == 1 and engine.loss_scale == 512.0
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        engine.save_checkpoint(tmp_path / "ck.pt", model=model, optimizer=opt)
+    with Engine(cfg) as engine:
+        engine.load_checkpoint(tmp_path / "ck.pt")
+        assert engine.loss_scale == 512.0 and engine.skipped_steps == 1

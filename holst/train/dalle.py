@@ -313,7 +313,7 @@ def _train(engine: Engine, cfg: DalleTrainConfig, *, dataset: Any, tokenizer: An
                            world_size=engine.world_size, bpe_dropout=cfg.bpe_dropout,
                            empty_caption_prob=cfg.empty_caption_prob, encode_images=encode_images)
 
-    model, optimizer = engine.prepare(bare, build_optimizer(bare, cfg))
+    model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
     scheduler = build_scheduler(optimizer, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step = 0

@@ -34,6 +34,7 @@ Collective calls (``prepare``, ``step``, ``save_checkpoint``, ``load_checkpoint`
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -67,7 +68,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> fp32 on CPU/MPS, bf16 on CUDA GPUs that support it, fp16 on older GPUs."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("precision='fp16' is not supported on CPU (use 'fp32' or 'bf16')")
+            log.warning("precision='fp16' on CPU is slow (meant for GPUs without bf16); it works for testing")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -196,35 +197,42 @@ class Engine:
         return self.world_size > 1
 
     # ------------------------------------------------------------------ wrapping
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-                ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    def prepare(self, model: nn.Module, optimizer: Any = None) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         """Move ``model`` to the device and wrap it for the backend.
-
-        For FSDP the parameters are replaced by sharded ones, so the optimizer is rebuilt over them
-        (same class, same param-group options); build the scheduler *after* ``prepare``.
 
         Args:
             model: the bare module (frozen parameters are fine; they get no gradients).
-            optimizer: an optimizer over ``model``'s parameters, or None (e.g. a frozen VQGAN).
+            optimizer: an optimizer over ``model``'s parameters, a callable ``bare_model -> optimizer``
+                (called after wrapping/sharding: preferred with FSDP), or None (e.g. a frozen VQGAN).
+                FSDP replaces the parameters by sharded ones, so an optimizer given as an object is
+                rebuilt over them (same class and param-group options). Build schedulers *after* this.
         Returns:
             (wrapped model, optimizer to use).
         """
+        factory = optimizer if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) else None
+        if factory is not None:
+            optimizer = None
         if self.backend == "deepspeed":
+            if factory is not None:
+                optimizer = factory(model)
             return self._prepare_deepspeed(model, optimizer)
         if self.backend == "fsdp":
-            return self._prepare_fsdp(model, optimizer)
-        model.to(self.device)
-        if self.backend == "ddp" and any(p.requires_grad for p in model.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
+            model, optimizer = self._prepare_fsdp(model, optimizer)
+        else:
+            model.to(self.device)
+            if self.backend == "ddp" and any(p.requires_grad for p in model.parameters()):
+                from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(
-                model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(self.cfg.ddp_find_unused_parameters),
-                broadcast_buffers=bool(self.cfg.ddp_broadcast_buffers),
-            )
-            self._prepared.append(model)
-            self._set_grad_sync(model, self.grad_accum == 1)
+                model = DistributedDataParallel(
+                    model,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=bool(self.cfg.ddp_find_unused_parameters),
+                    broadcast_buffers=bool(self.cfg.ddp_broadcast_buffers),
+                )
+                self._prepared.append(model)
+                self._set_grad_sync(model, self.grad_accum == 1)
+        if factory is not None:
+            optimizer = factory(self.unwrap(model))
         return model, optimizer
 
     def _prepare_fsdp(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -251,7 +259,10 @@ class Engine:
         if optimizer is not None:
             params = dict(model.named_parameters())
             new_groups = [{**opts, "params": [params[n] for n in group_names]} for opts, group_names in groups]
-            optimizer = type(optimizer)(new_groups, **optimizer.defaults)
+            # Group options carry every hyper-parameter; pass only the defaults the constructor accepts.
+            accepted = inspect.signature(type(optimizer).__init__).parameters
+            defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+            optimizer = type(optimizer)(new_groups, **defaults)
         return model, optimizer
 
     def _prepare_deepspeed(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
