@@ -2,12 +2,14 @@
 
 Axis legend: B batch, C channels (3), H/W input height/width, s scale, t tile side, o overlap.
 
-Tiling: the image is cut on a grid of ``t x t`` tiles; each tile is run with ``o`` extra pixels of
-real image context on every side (clipped at the image border, where the network's own zero
-padding applies exactly as in an untiled run), and only the tile's own ``s*t x s*t`` output is kept.
+Tiling: the image is cut into a grid of near-equal tiles of at most ``t x t``; each tile is run with
+``o`` extra pixels of real image context on every side (clipped at the image border, where the
+network's own zero padding applies exactly as in an untiled run), and only the tile's own output is kept.
 When ``o`` covers the network's receptive field the result equals the untiled one; for the full
-RRDBNet (whose field is far wider) the influence of far pixels is tiny, so ``o = 24`` (the
-reference's padding) leaves no visible seams. Peak memory grows with ``(t + 2o)^2``, not with the image.
+RRDBNet (whose field spans hundreds of pixels) tiles see less context than a whole-image pass and
+their output differs from it slightly, everywhere rather than at seams (x4plus, 64 px input, tile 32,
+overlap 24: 29.9 dB PSNR vs the whole pass); ``tile=0`` runs the image whole when memory allows.
+Peak memory grows with ``(t + 2o)^2``, not with the image.
 """
 
 from __future__ import annotations
@@ -37,11 +39,18 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _windows(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """Tiles along one axis: (tile_start, tile_end, window_start, window_end), windows clipped to [0, size]."""
+def _windows(size: int, tile: int, overlap: int, unit: int) -> list[tuple[int, int, int, int]]:
+    """Tiles along one axis: (tile_start, tile_end, window_start, window_end), windows clipped to [0, size].
+
+    The axis is split into ``ceil(size / tile)`` near-equal tiles (multiples of ``unit``) rather than
+    full tiles plus a sliver, so windows share shapes (one batched forward) and no compute is wasted.
+    """
+    if not tile or tile >= size:
+        return [(0, size, 0, size)]
+    step = _round_up(-(-size // -(-size // tile)), unit)
     out = []
-    for start in range(0, size, tile):
-        end = min(start + tile, size)
+    for start in range(0, size, step):
+        end = min(start + step, size)
         out.append((start, end, max(start - overlap, 0), min(end + overlap, size)))
     return out
 
@@ -79,14 +88,13 @@ def upscale(model: nn.Module, images: torch.Tensor, *, tile: int = 192, overlap:
     if ph or pw:
         x = F.pad(x.float(), (0, pw, 0, ph), mode="reflect" if min(x.shape[-2:]) > max(ph, pw) else "replicate")
     Hp, Wp = x.shape[-2:]
-    tile = _round_up(tile, u) if tile and tile < max(Hp, Wp) else max(Hp, Wp)
     overlap = _round_up(overlap, u)
     out = torch.empty(B, C, s * Hp, s * Wp, dtype=torch.float32, device=images.device)
 
     # Group windows by shape so that equal ones share a forward pass (batched over images and tiles).
     groups: dict[tuple[int, int], list[tuple]] = {}
-    for ty in _windows(Hp, tile, overlap):
-        for tx in _windows(Wp, tile, overlap):
+    for ty in _windows(Hp, tile, overlap, u):
+        for tx in _windows(Wp, tile, overlap, u):
             groups.setdefault((ty[3] - ty[2], tx[3] - tx[2]), []).append((ty, tx))
     for windows in groups.values():
         jobs = [(b, ty, tx) for ty, tx in windows for b in range(B)]
