@@ -240,6 +240,9 @@ def build_random_components(preset: str = "tiny", *, seed: int = 0, clip: bool =
     with _seeded(g):
         modules["vqgan"] = VQGAN(vcfg).eval()
         modules["dalle"] = DalleModel(dcfg).eval()
+        # Wider than the training init (0.02): logits then depend visibly on the caption and the
+        # images vary, which tests (prompt / guidance sensitivity) and demos need from random weights.
+        modules["dalle"].init_weights(std=0.3)
         if clip:
             from holst.rerank.clip import CLIPModel, clip_preset
 

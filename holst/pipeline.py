@@ -275,22 +275,34 @@ class Text2ImagePipeline:
         return s
 
     # ------------------------------------------------------------------ the steps
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Captions -> text ids (B, T) long on the pipeline's device.
+    def check_prompts(self, prompts: list[str]) -> list[str]:
+        """Validate captions; returns a message per caption that will be cut to fit T.
 
-        Raises ValueError for an empty caption; warns (UserWarning) when one is cut to fit T.
+        Raises:
+            ValueError for an empty caption.
         """
         T = self.dalle.config.text_seq_length
+        messages = []
         for prompt in prompts:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError("prompt is empty: give a caption describing the image, e.g. 'красное яблоко'")
             n_tokens = len(self.tokenizer.encode(prompt.lower().strip())) + 2  # + bos, eos
             if n_tokens > T:
-                warnings.warn(f"prompt is {n_tokens} tokens (with bos/eos) but the model reads {T}: "
-                              f"the end of the caption is cut off", UserWarning, stacklevel=3)
+                messages.append(f"prompt is {n_tokens} tokens (with bos/eos) but the model reads {T}: "
+                                "the end of the caption is cut off")
+        return messages
+
+    def encode_prompts(self, prompts: list[str], *, warn: bool = True) -> torch.Tensor:
+        """Captions -> text ids (B, T) long on the pipeline's device.
+
+        Raises ValueError for an empty caption; with ``warn``, a UserWarning for each caption cut to fit T.
+        """
+        for message in self.check_prompts(prompts):
+            if warn:
+                warnings.warn(message, UserWarning, stacklevel=3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tokenizer's own truncation warning would repeat ours
-            ids = self.tokenizer.encode_batch(prompts, T)
+            ids = self.tokenizer.encode_batch(prompts, self.dalle.config.text_seq_length)
         return ids.to(self.device)
 
     def prepare_image_prompt(self, image_prompt: Any, mask: torch.Tensor | None) -> Any:
@@ -367,9 +379,14 @@ class Text2ImagePipeline:
         return torch.cat(out, dim=0), torch.cat(ppl, dim=0)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, N) codes -> (B, 3, H, W) float images in [0, 1]."""
+        """(B, N) codes -> (B, 3, H, W) float images in [0, 1].
+
+        One image at a time: batched convolutions may pick other kernels and change a pixel by one
+        level after rounding, and an image must come out byte-identical whatever it was made with.
+        """
         D = self.dalle.config.image_tokens_per_dim
-        return self.vqgan.decode(codes.reshape(-1, D, D).to(self.device)).float().clamp(0, 1)
+        grids = codes.reshape(-1, D, D).to(self.device)  # (B, N) -> (B, D, D)
+        return torch.cat([self.vqgan.decode(g[None]).float().clamp(0, 1) for g in grids])
 
     def preview(self, codes_so_far: torch.Tensor) -> list[Image.Image]:
         """Partial codes (B, n) -> preview images: the finished rows decoded, the rest grey."""
@@ -404,7 +421,8 @@ class Text2ImagePipeline:
             return images
         from holst.superres import super_resolve
 
-        return super_resolve(self.superres, images, factor).images
+        # Per image, for the same reason as in decode().
+        return torch.cat([super_resolve(self.superres, im[None], factor).images for im in images])
 
     def finish(self, prompt: str, codes: torch.Tensor, seeds: list[int], settings: SamplingSettings, *,
                perplexities: torch.Tensor | None = None) -> PipelineOutput:

@@ -25,7 +25,6 @@ import secrets
 import socket
 import threading
 import time
-import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -208,7 +207,7 @@ class BatchWorker:
         for job in batch:
             job.emit("started", {"batch_jobs": len(batch), "batch_images": sum(j.settings.num_images for j in batch)})
         # 1. one text-ids row and one seed per image, over every job of the batch
-        text_ids = torch.cat([pipe.encode_prompts([j.request.prompt]).expand(j.settings.num_images, -1)
+        text_ids = torch.cat([pipe.encode_prompts([j.request.prompt], warn=False).expand(j.settings.num_images, -1)
                               for j in batch])
         seeds = [s for j in batch for s in j.seeds]
         owners = [(j, i) for j in batch for i in range(j.settings.num_images)]  # image row -> (job, index)
@@ -452,9 +451,7 @@ class Handler(BaseHTTPRequestHandler):
             settings = pipe.resolve_settings(num_images=request.num_images, top_k=request.top_k, top_p=request.top_p,
                                              temperature=request.temperature, guidance_scale=request.guidance_scale,
                                              rerank=request.rerank, upscale=request.upscale, batch_size=None)
-            with warnings.catch_warnings(record=True) as caught:  # e.g. "the end of the caption is cut off"
-                warnings.simplefilter("always")
-                pipe.encode_prompts([request.prompt])  # empty / unusable captions fail here, before queueing
+            messages = pipe.check_prompts([request.prompt])  # empty captions fail here, before queueing
         except ValueError as e:
             raise RequestError(422, str(e)) from None
         if settings.num_images > self.server.config.max_images_per_request:
@@ -462,7 +459,7 @@ class Handler(BaseHTTPRequestHandler):
                                     f"{self.server.config.max_images_per_request}")
         seeds = make_seeds(settings.num_images, seed=request.seed)
         return Job(request=request, settings=settings, seeds=seeds, events=collections.deque() if stream else None,
-                   warnings=[str(w.message) for w in caught])
+                   warnings=messages)
 
     def _wait_and_answer(self, job: Job) -> None:
         if not job.done.wait(timeout=self.server.config.request_timeout_s):
