@@ -284,3 +284,26 @@ def test_cli_convert_pth(tmp_path, capsys):
     assert loaded.conv_first.weight.dtype == torch.float16 and loaded.scale == 4
     with pytest.raises(SystemExit):
         main(["convert", "realesrgan", str(tmp_path / "missing.pth"), str(tmp_path / "out2")])
+
+
+def test_cli_convert_ncnn_folder_and_missing_wheel(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from holst.cli import main
+    from holst.convert import realesrgan as conv
+
+    model = tiny(4)
+    write_ncnn(model, tmp_path / "realesrgan-x4plus.param")
+    assert main(["convert", "realesrgan", "--ncnn", str(tmp_path), str(tmp_path / "out")]) == 0
+    loaded = RRDBNet.from_pretrained(tmp_path / "out")
+    x = torch.rand(1, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.half().float()(x), atol=1e-5)  # fp16 file: lossless for ncnn
+    assert "Xintao Wang" in (tmp_path / "out" / "LICENSE").read_text()
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match="pip install"):
+        conv.locate_wheel_models()
