@@ -303,7 +303,10 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
             with torch.no_grad():
                 bare.logit_scale.clamp_(0, max_scale)  # CLIP's clip at 100
         step += 1
-        stop = engine.should_stop() or (cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes)
+        timed_out = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        if engine.distributed:  # every rank must take the same branch (checkpointing is collective)
+            timed_out = engine.all_reduce_mean(torch.tensor(float(timed_out))).item() > 0
+        stop = engine.should_stop() or timed_out
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss_value = engine.all_reduce_mean(loss.detach()).item()
             engine.log(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
@@ -323,8 +326,10 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
     final = Path(cfg.out_dir) / FINAL_DIR
     engine.save_pretrained(model, final)
     result: dict[str, Any] = {"step": step, "train_loss": loss_value, "final_dir": str(final)}
+    signalled = engine.should_stop()  # preempted: save and leave quickly, no evaluation
     if engine.is_main:
         tokenizer.save_pretrained(final / TOKENIZER_DIR)
+    if engine.is_main and not signalled:
         n_eval = cfg.eval_max_images
         if heldout is not None:
             result["heldout"] = evaluate_retrieval(bare, tokenizer, heldout, max_images=n_eval)
