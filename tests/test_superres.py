@@ -307,3 +307,23 @@ def test_cli_convert_ncnn_folder_and_missing_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install"):
         conv.locate_wheel_models()
+
+
+def test_trainer_with_a_holst_vqgan_directory(tmp_path):
+    from holst.train.superres import train_superres
+    from holst.vqgan import VQGAN
+    from holst.vqgan.presets import get_vqgan_preset
+
+    torch.manual_seed(0)
+    vq = VQGAN(get_vqgan_preset("tiny")).eval()
+    vq.save_pretrained(tmp_path / "vqgan")
+    f = vq.downsample_factor
+    small = torch.rand(1, 3, 2 * f, 2 * f)
+    with torch.no_grad():
+        expected = vq.decode(vq.encode(small)).clamp(0, 1)
+    assert torch.allclose(vqgan_degrade(small, vq), expected, atol=1e-6)
+    images = torch.rand(2, 3, 4 * f, 4 * f)
+    cfg = SuperResTrainConfig(out_dir=str(tmp_path / "run"), vqgan=str(tmp_path / "vqgan"), scale=2, num_feat=8,
+                              num_block=0, num_grow_ch=4, hr_size=4 * f, batch_size=2, max_steps=2,
+                              tensorboard=False, device="cpu")
+    assert train_superres(cfg, images=images)["steps"] == 2
