@@ -307,3 +307,16 @@ def test_cuda_graph_matches_eager() -> None:
         a = sample_image_codes(model, text, seeds=[1, 2, 3], guidance_scale=scale, **KW)
         b = sample_image_codes(model, text, seeds=[1, 2, 3], guidance_scale=scale, cuda_graph=True, **KW)
         assert torch.equal(a, b)
+
+
+def test_sampling_config_is_the_keyword_set(model: DalleModel) -> None:
+    from holst.config import ConfigError, SamplingConfig
+
+    cfg = SamplingConfig(top_k=40, top_p=0.97, batch_size=2, static_cache=True)
+    text = captions(model, 3)
+    out = sample_image_codes(model, text, seeds=[1, 2, 3], **SamplingConfig.from_dict(cfg.to_dict()).to_dict())
+    assert torch.equal(out, sample_image_codes(model, text, seeds=[1, 2, 3], **KW))
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        SamplingConfig(batch_size=0)
