@@ -119,7 +119,10 @@ def run_phase(port: int, pid: int, clients: int, duration: float, backoff: float
         "latency_p50_s": round(percentile(latencies, 50), 4), "latency_p99_s": round(percentile(latencies, 99), 4),
         "latency_mean_s": round(statistics.fmean(latencies), 4) if latencies else None,
         "server_rss_mb_start": round(memory[0], 1), "server_rss_mb_end": round(memory[-1], 1),
-        "server_rss_mb_max": round(max(memory), 1), "failures_sample": failures[:5],
+        "server_rss_mb_max": round(max(memory), 1),
+        # growth over the second half of the phase: ~0 once allocator arenas and the image store are warm
+        "server_rss_mb_second_half_growth": round(memory[-1] - memory[len(memory) // 2], 1),
+        "server_rss_mb_timeline": [round(m, 1) for m in memory], "failures_sample": failures[:5],
     }
 
 

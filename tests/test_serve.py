@@ -229,3 +229,19 @@ def _wait_for(cond, timeout=20.0):
             return
         time.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+def test_open_connections_are_capped(pipe):
+    import socket
+
+    s = Server(pipe, max_connections=1, retry_after_s=2)
+    try:
+        idle = socket.create_connection(("127.0.0.1", s.port))  # holds the only handler slot
+        _wait_for(lambda: s.httpd.open_connections == 1)
+        status, hdrs, payload = s.request("GET", "/health")
+        assert status == 503 and hdrs["Retry-After"] == "2" and b"too many open connections" in payload
+        idle.close()
+        _wait_for(lambda: s.httpd.open_connections == 0)
+        assert s.request("GET", "/health")[0] == 200
+    finally:
+        s.close()

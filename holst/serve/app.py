@@ -291,6 +291,7 @@ class HolstServer(ThreadingHTTPServer):
         self.started = time.time()
         self.requests_served = 0
         self.rejected_busy = 0
+        self.open_connections = 0
         self._count_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
@@ -311,12 +312,16 @@ class HolstServer(ThreadingHTTPServer):
                 self.rejected_busy += 1
             self.shutdown_request(request)
             return
+        with self._count_lock:
+            self.open_connections += 1
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._count_lock:
+                self.open_connections -= 1
             self.connections.release()
 
     def server_close(self) -> None:
@@ -532,6 +537,7 @@ class Handler(BaseHTTPRequestHandler):
             "queue_depth": srv.worker.depth(), "queue_capacity": srv.config.max_queue, "busy": srv.worker.busy,
             "batches_run": srv.worker.batches_run, "images_made": srv.worker.images_made,
             "requests_served": srv.requests_served, "rejected_busy": srv.rejected_busy,
+            "open_connections": srv.open_connections,
             "uptime_s": round(time.time() - srv.started, 1),
             "defaults": {"num_images": c.num_images, "top_k": c.top_k, "top_p": c.top_p,
                          "temperature": c.temperature, "guidance_scale": c.guidance_scale, "rerank": c.rerank,
