@@ -19,15 +19,19 @@ Encoding one text:
     * BPE-dropout (probability p): every candidate popped from that queue is skipped with
       probability p; the skipped ones return to the queue once a candidate is taken; a word is done
       when a whole pass skips everything (YouTokenToMe's ``DropoutQueue``). p = 1 gives characters.
+      The random source differs (a ``random.Random`` seeded from your generator, not a C++ mt19937),
+      so draws differ but the distribution of segmentations is the same (checked in tests/bench).
 Decoding joins the pieces, turns a piece's leading "▁" into a space and drops the very first space.
 
 Deterministic encodings are cached per word, which makes encoding short captions cost a regex
-split plus a few dict look-ups.
+split plus a few dict look-ups. Under dropout, one draw per word decides whether the word's
+deterministic run is kept; only otherwise is its queue simulated.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import re
 import warnings
@@ -107,7 +111,7 @@ class BPETokenizer:
         self.config = (config or TokenizerConfig()).replace(vocab_size=self.vocab_size)
         self._build_tables()
         self._cache: dict[str, list[int]] = {}  # word -> ids (deterministic encoding)
-        self._queue_cache: dict[str, tuple[list[int], list[int]]] = {}  # word -> initial queue (dropout)
+        self._dropout_cache: dict[str, tuple[list[int], list[int], list[int], int]] = {}  # see _dropout_entry
         self._warned_truncation = False
 
     # ------------------------------------------------------------------------------------------
@@ -379,25 +383,28 @@ class BPETokenizer:
             symbols = merged
         return symbols
 
-    def _initial_queue(self, word: str) -> tuple[list[int], list[int]]:
-        """(symbols, sorted candidate keys) of a word before any merge; cached for the dropout path.
+    def _dropout_entry(self, word: str) -> tuple[list[int], list[int], list[int], int]:
+        """(symbols, sorted initial candidate keys, deterministic result, D) of a word; cached.
 
-        A candidate is the int ``rank << 32 | position`` (ints compare faster than tuples in heapq);
-        a sorted list is already a heap.
+        A candidate is the int ``rank << 32 | position`` (ints compare faster than tuples in heapq; a
+        sorted list is already a heap). D is the number of queue pops of the deterministic run:
+        under dropout the run equals it exactly when none of those D pops is skipped.
         """
-        cached = self._queue_cache.get(word)
-        if cached is None:
+        entry = self._dropout_cache.get(word)
+        if entry is None:
             symbols = self._symbols(word)
             ranks = map(self._ranks.get, zip(symbols, symbols[1:]))
-            cached = (symbols, sorted(r << 32 | i for i, r in enumerate(ranks) if r is not None))
+            keys = sorted(r << 32 | i for i, r in enumerate(ranks) if r is not None)
+            merged, pops = self._merge_queue(symbols, keys)
+            entry = (symbols, keys, merged, pops)
             if len(word) <= _CACHE_WORD_MAX:
-                if len(self._queue_cache) >= _CACHE_MAX:
-                    self._queue_cache.clear()
-                self._queue_cache[word] = cached
-        return cached
+                if len(self._dropout_cache) >= _CACHE_MAX:
+                    self._dropout_cache.clear()
+                self._dropout_cache[word] = entry
+        return entry
 
     def _merge_queue(self, symbols: list[int], keys: list[int], dropout: float = 0.0,
-                     rng: random.Random | None = None) -> list[int]:
+                     rng: random.Random | None = None, first_skip: int = -1) -> tuple[list[int], int]:
         """BPE of one word with YouTokenToMe's priority queue of (rank, position) candidates.
 
         Positions index a linked list of the word's symbols; a merge keeps the left node and kills the
@@ -408,9 +415,15 @@ class BPETokenizer:
         Args:
             symbols: the word's initial symbols (not modified).
             keys: its initial candidates ``rank << 32 | position``, sorted (not modified).
+            dropout, rng: skip probability and its random source (0 / None: deterministic).
+            first_skip: when >= 0, pops ``0 .. first_skip - 1`` are taken without a draw and pop
+                ``first_skip`` is skipped (a draw already decided the first skip; see ``_encode``).
+
+        Returns:
+            (merged symbols, number of queue pops).
         """
         if not keys:
-            return symbols
+            return symbols, 0
         n = len(symbols)
         ranks, left, right, result = self._ranks, self._left, self._right, self._result
         tok: list[int | None] = list(symbols)
@@ -422,12 +435,17 @@ class BPETokenizer:
         draw = rng.random if (dropout > 0 and rng is not None) else None
         skipped: list[int] = []
         mask = 0xFFFFFFFF
+        pops = 0
         while True:
-            if draw is None:
+            if draw is None or pops < first_skip:
                 if not heap:
                     break
                 key = pop(heap)
+                pops += 1
             else:
+                if pops == first_skip:
+                    skipped.append(pop(heap))
+                    pops += 1
                 while heap:
                     key = pop(heap)
                     if draw() < dropout:
@@ -457,11 +475,7 @@ class BPETokenizer:
                 r = ranks.get((tok[p0], tok[p1]))
                 if r is not None:
                     push(heap, r << 32 | p0)
-        out, i = [], 0
-        while i != -1:
-            out.append(tok[i])
-            i = nxt[i]
-        return out
+        return [t for t in tok if t is not None], pops
 
     def _encode_word(self, word: str) -> list[int]:
         symbols = self._symbols(word)
@@ -469,7 +483,7 @@ class BPETokenizer:
             merged = self._merge_scan(symbols)
         else:  # long words: O(n log n); not kept in the queue cache (they would bloat it)
             ranks = map(self._ranks.get, zip(symbols, symbols[1:]))
-            merged = self._merge_queue(symbols, sorted(r << 32 | i for i, r in enumerate(ranks) if r is not None))
+            merged = self._merge_queue(symbols, sorted(r << 32 | i for i, r in enumerate(ranks) if r is not None))[0]
         unk = self.unk_id
         return [t if t >= 0 else unk for t in merged]
 
@@ -491,9 +505,14 @@ class BPETokenizer:
             for word in _WORD_RE.findall(text):
                 out += self._symbols(word)
         else:
-            initial, merge = self._initial_queue, self._merge_queue
+            # One draw per word decides whether any of the D pops of the deterministic run is skipped
+            # (probability 1 - (1-p)^D) and, if so, which is the first (truncated geometric); only then
+            # is the queue simulated. Same distribution as drawing for every pop, far fewer draws.
+            entry, merge, rand, log_q = self._dropout_entry, self._merge_queue, rng.random, math.log1p(-dropout)
             for word in _WORD_RE.findall(text):
-                out += merge(*initial(word), dropout, rng)
+                symbols, keys, merged, pops = entry(word)
+                first = math.log(1.0 - rand()) / log_q  # the first skipped pop, before flooring
+                out += merged if first >= pops else merge(symbols, keys, dropout, rng, int(first))[0]
         unk = self.unk_id
         return [t if t >= 0 else unk for t in out]
 
