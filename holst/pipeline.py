@@ -419,10 +419,15 @@ class Text2ImagePipeline:
         """(B, 3, H, W) -> (B, 3, factor*H, factor*W): the super-resolution net when it can, else Lanczos."""
         if factor == 1:
             return images
-        from holst.superres import super_resolve
+        from holst.superres import lanczos_upscale, super_resolve
 
-        # Per image, for the same reason as in decode().
-        return torch.cat([super_resolve(self.superres, im[None], factor).images for im in images])
+        sr = self.superres
+        if sr is None or factor > int(sr.scale):
+            logger.warning("upscale=%d: %s; using Lanczos resampling", factor,
+                           "no super-resolution net" if sr is None else f"the super-resolution net is x{int(sr.scale)}")
+            return lanczos_upscale(images, float(factor)).to(images.device)  # per image and channel (PIL)
+        # The net one image at a time, for the same reason as in decode().
+        return torch.cat([super_resolve(sr, im[None], factor).images for im in images])
 
     def finish(self, prompt: str, codes: torch.Tensor, seeds: list[int], settings: SamplingSettings, *,
                perplexities: torch.Tensor | None = None) -> PipelineOutput:
