@@ -411,8 +411,8 @@ class PipelineConfig(ConfigBase):
     format_version: int = 1
     components: tuple[str, ...] = REQUIRED_COMPONENTS
     num_images: int = 4
-    top_k: int = 1024
-    top_p: float = 0.99
+    top_k: int = 2048  # the reference's README / Emojich settings (holst.sampling.REFERENCE_TOP_K/P)
+    top_p: float = 0.995
     temperature: float = 1.0
     guidance_scale: float | None = None
     rerank: int = 0
