@@ -328,7 +328,7 @@ def test_any_unicode_never_crashes(tok, text):
         assert tok.decode(ids) == " ".join(yttm_split(text))
     batch = tok.encode_batch([text], 16, dropout=0.2, generator=torch.Generator().manual_seed(0))
     assert batch.shape == (1, 16) and int(batch.min()) >= 0 and int(batch.max()) < tok.vocab_size
-    if yttm is not None:
+    if yttm is not None and not any("\ud800" <= c <= "\udfff" for c in text):  # yttm cannot take surrogates
         assert ids == _yttm_model(tok).encode([text])[0]
 
 
