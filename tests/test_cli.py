@@ -113,3 +113,11 @@ def test_prepare_pipeline_assembles_component_dirs(tmp_path):
     assert main(["prepare", "pipeline", "--out", str(tmp_path / "bad"), "--tokenizer", str(tmp_path / "tok"),
                  "--vqgan", str(tmp_path / "vq2"), "--dalle", str(tmp_path / "dalle" / "final")]) == 2
     assert not (tmp_path / "bad" / "pipeline.json").exists()
+
+
+def test_cuda_graph_needs_cuda(model_dir, tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU refusal")
+    assert main(["generate", "кот", "--model", str(model_dir), "--out", str(tmp_path / "c"), "--cuda-graph",
+                 "--device", "cpu"]) == 2
+    assert "CUDA" in caplog.text

@@ -201,3 +201,30 @@ def test_random_pipelines_are_a_function_of_the_seed():
     before = torch.random.get_rng_state()
     Text2ImagePipeline.from_random("tiny", seed=4)
     assert torch.equal(before, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def test_sampler_options_pass_through_without_changing_images(pipe):
+    plain = pipe("кот", 2, seed=8)
+    pipe.sampler_options["static_cache"] = True
+    try:
+        static = pipe("кот", 2, seed=8)
+    finally:
+        pipe.sampler_options.clear()
+    assert torch.equal(plain.codes, static.codes)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            pipe.enable_cuda_graph()
+
+
+def test_inference_code_never_imports_train():
+    import ast
+    from pathlib import Path
+
+    import holst
+
+    root = Path(holst.__file__).parent
+    for path in [root / "pipeline.py", root / "hub.py", root / "generate_cli.py", *(root / "serve").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("holst.train") for n in names), f"{path.name} imports {names}"

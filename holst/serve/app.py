@@ -570,6 +570,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (default auto)")
     parser.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 for the transformer (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--cuda-graph", action="store_true", help="CUDA only: static KV cache + CUDA graph decode")
     parser.add_argument("--max-queue", type=int, default=None,
                         help=f"queued requests before 503 (default {d.max_queue})")
     parser.add_argument("--max-batch-images", type=int, default=None,
@@ -600,7 +601,7 @@ def main(args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return 2
     set_threads(args.threads)
-    pipe = load_pipeline_for_cli(args.model, config.device, config.dtype)
+    pipe = load_pipeline_for_cli(args.model, config.device, config.dtype, cuda_graph=args.cuda_graph)
     if pipe is None:
         return 2
     server = make_server(pipe, config)
