@@ -126,6 +126,8 @@ def main() -> None:
         speed["yttm_encode_list_1thread"] = per_second(lambda: ref.encode(captions), len(captions))
         speed["yttm_encode_one_by_one_1thread"] = per_second(lambda: [ref.encode([c]) for c in captions],
                                                             len(captions))
+        speed["yttm_encode_list_dropout0.1_1thread"] = per_second(lambda: ref.encode(captions, dropout_prob=0.1),
+                                                                 len(captions))
         ref_ids = ref.encode(captions)
         out["id_mismatches_vs_yttm"] = sum(tok.encode(c) != r for c, r in zip(captions, ref_ids))
         data = workdir / "corpus.txt"
