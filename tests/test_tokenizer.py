@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import warnings
@@ -246,6 +247,10 @@ def test_save_load_and_pretrained(tok, tmp_path):
         BPETokenizer.from_pretrained(tmp_path / "clip")
     with pytest.raises(ConfigError, match="bpe_dropout"):
         TokenizerConfig(bpe_dropout=2.0)
+    # DataLoader workers get a pickled copy: same encodings, caches not shipped
+    tok.encode("рыжий кот")
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone._cache == {} and clone.encode("рыжий кот") == tok.encode("рыжий кот")
 
 
 @pytest.mark.parametrize(("content", "problem"), [

@@ -302,6 +302,12 @@ class BPETokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into every DataLoader worker: leave the per-word caches behind (they refill fast).
+        state = self.__dict__.copy()
+        state["_cache"], state["_dropout_cache"] = {}, {}
+        return state
+
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, chars={len(self._char_to_id)}, "
                 f"merges={len(self._merges)}, source={self.source!r})")
