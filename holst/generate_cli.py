@@ -33,11 +33,13 @@ FALLBACK_WARNING = """
 
 def default_model_dir() -> Path:
     """``models/default`` under the current directory, else under the source checkout holst runs from."""
-    here = Path(DEFAULT_MODEL)
-    if here.is_dir():
-        return here
-    checkout = Path(__file__).resolve().parents[1] / DEFAULT_MODEL
-    return checkout if checkout.is_dir() else here
+    from holst.hub import is_pipeline_dir
+
+    here, checkout = Path(DEFAULT_MODEL), Path(__file__).resolve().parents[1] / DEFAULT_MODEL
+    for candidate in (here, checkout):
+        if is_pipeline_dir(candidate):
+            return candidate
+    return here
 
 
 def load_pipeline_for_cli(model: str | None, device: str = "auto", dtype: str = "auto", *,
