@@ -323,7 +323,8 @@ MIXED = st.text(alphabet=st.one_of(st.characters(), st.sampled_from(list(" \t\n\
 
 
 @pytest.mark.filterwarnings("ignore:a caption of")
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(text=MIXED)
 def test_any_unicode_never_crashes(tok, text):
     ids = tok.encode(text)
