@@ -57,6 +57,7 @@ from holst.utils.runtime import get_logger
 log = get_logger("holst.train")
 
 CHECKPOINT_FORMAT = "holst-train-checkpoint-v1"
+DEEPSPEED_MARKER = "stored in the .deepspeed checkpoint directory next to this file"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -535,6 +536,12 @@ class Engine:
         path = Path(path)
         model = state.get("model")
         payload: dict[str, Any] = {}
+        if self.backend == "deepspeed":
+            # ZeRO partitions the optimizer state over ranks: DeepSpeed's own (collective) checkpoint
+            # holds model + optimizer + its loss scaler next to ours; our file keeps the rest.
+            ds_dir = path.with_name(path.name + ".deepspeed")
+            self._prepared[0].save_checkpoint(str(ds_dir), tag="latest")
+            state = {k: (DEEPSPEED_MARKER if self._is_deepspeed_object(v) else v) for k, v in state.items()}
         for key, value in state.items():
             payload[key] = self._to_state(value, model)
         payload["__engine__"] = self.engine_state()
@@ -545,6 +552,12 @@ class Engine:
             torch.save(payload, buffer)
             atomic_write_bytes(path, buffer.getvalue())
         self.barrier()
+
+    def _is_deepspeed_object(self, value: Any) -> bool:
+        if self.backend != "deepspeed" or not self._prepared:
+            return False
+        ds = self._prepared[0]
+        return value is ds or value is getattr(ds, "optimizer", None)
 
     def _to_state(self, value: Any, model: nn.Module | None) -> Any:
         if isinstance(value, nn.Module):
@@ -581,6 +594,11 @@ class Engine:
         self.load_engine_state(payload.pop("__engine__"))
         payload.pop("__format__")
         model = targets.get("model")
+        if self.backend == "deepspeed" and any(self._is_deepspeed_object(t) for t in targets.values()):
+            ds_dir = path.with_name(path.name + ".deepspeed")
+            self._prepared[0].load_checkpoint(str(ds_dir), tag="latest", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+            targets = {k: v for k, v in targets.items() if not self._is_deepspeed_object(v)}
         for key, target in targets.items():
             if target is None:
                 continue
@@ -617,6 +635,13 @@ class Engine:
                     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
                 bare.config.save_json(directory / CONFIG_NAME)
                 save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        elif self.backend == "deepspeed" and int(self.cfg.zero_stage) == 3:
+            import deepspeed
+
+            # ZeRO-3 partitions the parameters themselves: gather them (on every rank) to write them.
+            with deepspeed.zero.GatheredParameters(list(bare.parameters()), modifier_rank=None):
+                if self.is_main:
+                    bare.save_pretrained(directory, dtype=dtype)
         elif self.is_main:
             bare.save_pretrained(directory, dtype=dtype)
         self.barrier()
