@@ -136,6 +136,23 @@ def test_token_required_and_checked(pipe):
         assert s.json("POST", "/v1/generate", {"prompt": "кот", "num_images": 1}, bad)[0] == 401
         good = {"Authorization": "Bearer s3cret-token"}
         assert s.json("POST", "/v1/generate", {"prompt": "кот", "num_images": 1}, good)[0] == 200
+        # A refused body is never read as the next request on a kept-alive connection.
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        body = json.dumps({"prompt": "кот", "num_images": 1})
+        conn.request("POST", "/v1/generate", body=body, headers={"Content-Type": "application/json"})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 401
+        if first.getheader("Connection") != "close":
+            conn.request("POST", "/v1/generate", body=body, headers={"Content-Type": "application/json", **good})
+            assert conn.getresponse().status == 200
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/generate", body=body, headers={"Content-Type": "application/json"})
+        conn.getresponse().read()
+        conn.request("POST", "/v1/generate", body=body, headers={"Content-Type": "application/json", **good})
+        assert conn.getresponse().status == 200  # http.client reconnects after Connection: close
+        conn.close()
     finally:
         s.close()
 

@@ -369,8 +369,9 @@ class Handler(BaseHTTPRequestHandler):
             headers["Retry-After"] = str(self.server.config.retry_after_s)
         if error.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        if error.status in (400, 411, 413):
-            headers["Connection"] = "close"  # the rest of the body may still be on the wire
+        if error.status in (400, 411, 413) or (self.command == "POST" and not getattr(self, "_body_read", False)):
+            # The body (or the rest of it) may still be on the wire: it must not be read as the next request.
+            headers["Connection"] = "close"
             self.close_connection = True
         self._json(error.status, {"error": error.message, "status": error.status}, headers)
         self.server.count(busy=error.status == 503)
@@ -394,7 +395,9 @@ class Handler(BaseHTTPRequestHandler):
         if n < 0 or n > self.server.config.max_body_bytes:
             raise RequestError(413, f"body of {n} bytes; this server accepts at most "
                                     f"{self.server.config.max_body_bytes}")
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        self._body_read = True
+        return body
 
     # ------------------------------------------------------------------ routes
     def do_HEAD(self) -> None:
@@ -427,6 +430,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
+        self._body_read = False
         try:
             if path not in ("/v1/generate", "/v1/generate/stream"):
                 raise RequestError(404, f"no route POST {path}; see /openapi.json")
