@@ -103,6 +103,7 @@ class Text2ImagePipeline:
         # Extra keyword arguments of holst.sampling.sample_image_codes that change speed, not images,
         # e.g. {"static_cache": True, "cuda_graph": True} on CUDA (see :meth:`enable_cuda_graph`).
         self.sampler_options: dict[str, Any] = {}
+        self.source = "memory"  # where it came from: a directory, or random:<preset>:<seed> (shown by the CLI/server)
         self.dalle.eval()
         self.vqgan.eval()
         if self.clip is not None:
@@ -155,8 +156,6 @@ class Text2ImagePipeline:
         pipe = cls(components, config)
         pipe.source = f"random:{preset}:{seed}"
         return pipe
-
-    source: str = "memory"
 
     # ------------------------------------------------------------------ components and placement
     @property
