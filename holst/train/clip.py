@@ -265,7 +265,12 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
 
     if tokenizer is None and cfg.init_from and (Path(cfg.init_from) / TOKENIZER_DIR).is_dir() and not cfg.tokenizer:
         cfg = cfg.replace(tokenizer=str(Path(cfg.init_from) / TOKENIZER_DIR))
+    run_tokenizer = Path(cfg.out_dir) / TOKENIZER_DIR  # the run's own copy, so --resume uses the same ids
+    if tokenizer is None and resume and (run_tokenizer / "bpe.model").is_file():
+        cfg = cfg.replace(tokenizer=str(run_tokenizer))
     tokenizer = tokenizer if tokenizer is not None else load_or_train_tokenizer(cfg, train)
+    if engine.is_main:
+        tokenizer.save_pretrained(run_tokenizer)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, tokenizer.vocab_size)
@@ -277,17 +282,18 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
     bare = engine.unwrap(model)
 
     step = 0
+    history: list[dict[str, float]] = []
     ckpt = resolve_resume(cfg.out_dir, resume)
     if ckpt is not None:
         state = engine.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, generator=g)
         step = int(state["step"])
         rng.setstate(_to_tuple(state["rng"]))
+        history = list(state.get("history", []))
         log.info("resumed from %s at step %d", ckpt, step)
 
     L = bare.config.context_length
     max_scale = math.log(cfg.logit_scale_max)
-    history: list[dict[str, float]] = []
-    loss_value = float("nan")
+    loss_value, last_loss = float("nan"), None
     t0 = time.perf_counter()
     model.train()
     while step < cfg.max_steps:
@@ -299,6 +305,7 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
                 logits = model(images.to(engine.device), ids.to(engine.device))
             loss = multi_positive_loss(logits, caption_groups(texts).to(engine.device))
             applied = engine.step(loss, optimizer, scheduler, model=model)
+            last_loss = loss.detach()
         if applied:
             with torch.no_grad():
                 bare.logit_scale.clamp_(0, max_scale)  # CLIP's clip at 100
@@ -308,7 +315,7 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
             timed_out = engine.all_reduce_mean(torch.tensor(float(timed_out))).item() > 0
         stop = engine.should_stop() or timed_out
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_value = engine.all_reduce_mean(loss.detach()).item()
+            loss_value = engine.all_reduce_mean(last_loss).item()
             engine.log(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
                               "logit_scale": bare.logit_scale.exp().item()}, total=cfg.max_steps)
         if cfg.eval_every and step % cfg.eval_every == 0 and heldout is not None and engine.is_main:
@@ -317,11 +324,12 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
             engine.log(step, {f"heldout_{k}": v for k, v in r.items() if "@" in k})
         if cfg.save_every and step % cfg.save_every == 0 or stop:
             engine.save_checkpoint(checkpoint_path(cfg.out_dir), model=model, optimizer=optimizer,
-                                   scheduler=scheduler, generator=g, step=step, rng=rng.getstate())
+                                   scheduler=scheduler, generator=g, step=step, rng=rng.getstate(),
+                                   history=history)
         if stop:
             log.info("stopping at step %d (%s)", step, "signal" if engine.should_stop() else "max_minutes")
             break
-    loss_value = loss.detach().item() if step else loss_value
+    loss_value = last_loss.item() if last_loss is not None else loss_value
 
     final = Path(cfg.out_dir) / FINAL_DIR
     engine.save_pretrained(model, final)
