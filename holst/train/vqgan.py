@@ -161,10 +161,19 @@ def _batches(dataset: Any, cfg: VQGANTrainConfig, rank: int, world: int, start_s
                 idx = perm[(i * world + rank) * b:(i * world + rank + 1) * b]
                 yield cache[idx].float().div_(255)
             epoch, pos = epoch + 1, 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=b, shuffle=hasattr(dataset, "__len__"), drop_last=True,
-                                         num_workers=cfg.num_workers, collate_fn=lambda items: stack_images(items))
+    sized = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    sampler = None
+    if sized and world > 1:  # each rank reads its own share of every epoch
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=b, shuffle=sized and sampler is None, sampler=sampler,
+                                         drop_last=True, num_workers=cfg.num_workers, collate_fn=stack_images)
+    epoch = 0
     while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _all_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t / torch.distributed.get_world_size()
+
+
 def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel samples shaped like ``like`` (-log Exp(1)), drawn from ``generator``."""
     e = torch.empty_like(like, dtype=torch.float32).exponential_(generator=generator)
@@ -129,8 +140,11 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _init_from(self, flat: torch.Tensor, generator: torch.Generator | None) -> None:
         pick = torch.randint(flat.shape[0], (self.n_embed,), generator=generator, device=flat.device)
-        self.embed.weight.data.copy_(flat[pick])
-        self.embed_avg.copy_(flat[pick])
+        init = flat[pick]
+        if _distributed():
+            torch.distributed.broadcast(init, src=0)
+        self.embed.weight.data.copy_(init)
+        self.embed_avg.copy_(init)
         self.cluster_size.fill_(1.0)
         self.initted.fill_(True)
 
@@ -139,9 +153,13 @@ class VectorQuantizer(nn.Module):
                 generator: torch.Generator | None) -> None:
         onehot = F.one_hot(idx, self.n_embed).float()  # (M, K)
         counts = onehot.sum(0)
+        sums = onehot.t() @ flat if self.ema else None  # (K, D)
+        if _distributed():  # data-parallel: every rank applies the same (global-mean) statistics
+            counts = _all_mean(counts)
+            sums = _all_mean(sums) if sums is not None else None
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         if self.ema:
-            self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+            self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             n = self.cluster_size.sum()
             # Laplace smoothing keeps rarely used codes from dividing by ~0.
             size = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
@@ -161,6 +179,8 @@ class VectorQuantizer(nn.Module):
             return 0
         pick = torch.randint(flat.shape[0], (dead.numel(),), generator=generator, device=flat.device)
         new = flat[pick]
+        if _distributed():  # rank 0's picks everywhere, so the codebooks stay identical
+            torch.distributed.broadcast(new, src=0)
         self.embed.weight.data[dead] = new
         self.embed_avg[dead] = new
         self.cluster_size[dead] = 1.0
