@@ -7,8 +7,9 @@ Tiling: the image is cut into a grid of near-equal tiles of at most ``t x t``; e
 network's own zero padding applies exactly as in an untiled run), and only the tile's own output is kept.
 When ``o`` covers the network's receptive field the result equals the untiled one; for the full
 RRDBNet (whose field spans hundreds of pixels) tiles see less context than a whole-image pass and
-their output differs from it slightly, everywhere rather than at seams (x4plus, 64 px input, tile 32,
-overlap 24: 29.9 dB PSNR vs the whole pass); ``tile=0`` runs the image whole when memory allows.
+their output differs from it slightly, everywhere rather than at seams (x4plus vs the whole pass:
+256 px input, tile 192, overlap 24: 42.0 dB PSNR; 64 px input, tile 32: 29.9 dB). ``tile=0`` runs the
+image whole when memory allows (for 256 px also ~25% less compute than 2x2 tiles).
 Peak memory grows with ``(t + 2o)^2``, not with the image.
 """
 
