@@ -1,0 +1,195 @@
+"""``holst eval vqgan|dalle|pipeline|shapes``: offline evaluation reports (JSON + Markdown + PNG).
+
+```
+holst eval vqgan    --model models/default --data data/default --out eval/     # PSNR, SSIM, codebook, FD-EffLite0
+holst eval dalle    --model models/default --data data/default --out eval/     # held-out text/image loss, bits/token
+holst eval pipeline --model models/default --data data/default --out models/default/eval --num-captions 16
+holst eval shapes   --model models/shapes  --out eval/                         # attribute accuracy, held-out combos
+```
+``--model`` is a pipeline directory (its ``vqgan/``, ``dalle/``, ``tokenizer/`` are used) or, for
+vqgan/dalle, a component directory; ``random:tiny`` / ``random:emoji`` is an untrained pipeline (smoke tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from holst.config import ConfigError, EvalConfig
+from holst.utils.runtime import get_logger, resolve_device, resolve_dtype
+
+log = get_logger("holst.eval")
+
+
+def _common(parser: argparse.ArgumentParser, name: str) -> None:
+    d = EvalConfig()
+    parser.add_argument("--model", required=True,
+                        help="pipeline directory (e.g. models/default)"
+                             + (", or the component's own directory" if name in ("vqgan", "dalle") else "")
+                             + "; random:tiny|random:emoji = an untrained pipeline")
+    parser.add_argument("--out", required=True, help="report folder (created); files <command>.json/.md/_*.png")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help="transformer/CLIP dtype: fp32, bf16, fp16, auto (default fp32)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help=f"images per forward (default {d.batch_size})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seeds caption choice, sampling and distractors")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    if name != "shapes":
+        parser.add_argument("--split", default=d.split, help="held-out split: test, test_concept, test_style "
+                                                             f"(default {d.split})")
+    if name in ("vqgan", "pipeline"):
+        parser.add_argument("--no-fd", action="store_true", help="skip the FD-EffLite0 distance")
+        parser.add_argument("--fd-resolution", type=int, default=d.fd_resolution,
+                            help=f"images are resized to this for FD-EffLite0 (default {d.fd_resolution})")
+        parser.add_argument("--cache-dir", default=None, help="reference statistics cache "
+                                                              "(default $HOLST_CACHE/eval-stats)")
+
+
+def _sampling(parser: argparse.ArgumentParser) -> None:
+    d = EvalConfig()
+    parser.add_argument("--num-captions", type=int, default=d.num_captions,
+                        help=f"held-out captions / specs to generate for, 0 = all (default {d.num_captions})")
+    parser.add_argument("--num-images", "-n", type=int, default=d.num_images,
+                        help=f"images per caption (default {d.num_images})")
+    parser.add_argument("--lang", default=d.lang, choices=("ru", "en"), help="caption language (default ru)")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the model's")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--sample-batch-size", type=int, default=None, help="images sampled at once (default: model's)")
+    parser.add_argument("--grid-rows", type=int, default=EvalConfig().grid_rows, help="captions shown in the grid")
+
+
+def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst eval <name>``."""
+    _common(parser, name)
+    d = EvalConfig()
+    if name == "vqgan":
+        parser.add_argument("--data", required=True, help="dataset folder with a split column (e.g. data/default)")
+        parser.add_argument("--limit", type=int, default=0, help="at most this many held-out images (0 = all)")
+        parser.add_argument("--size", type=int, default=None, help="encoder input size (default: the VQGAN's)")
+    elif name == "dalle":
+        parser.add_argument("--data", default=None, help="dataset folder; held-out images are encoded with the VQGAN")
+        parser.add_argument("--codes", default=None,
+                            help="held-out code shards instead (holst prepare codes --split test)")
+        parser.add_argument("--tokenizer", default=None, help="tokenizer dir / bpe.model (if --model is a dalle dir)")
+        parser.add_argument("--vqgan", default=None, help="VQGAN dir (if --model is a dalle dir and --data is used)")
+        parser.add_argument("--lang", default=d.lang, choices=("ru", "en", "both"),
+                            help="caption language (default ru)")
+        parser.add_argument("--limit", type=int, default=0, help="at most this many held-out pairs (0 = all)")
+    elif name == "pipeline":
+        parser.add_argument("--data", required=True, help="dataset folder with a split column (e.g. data/default)")
+        _sampling(parser)
+        parser.add_argument("--candidates", type=int, default=d.candidates,
+                            help=f"captions per R-precision query (default {d.candidates})")
+    elif name == "shapes":
+        parser.add_argument("--data", default=None, help="shapes dataset folder whose held-out rows give the specs "
+                                                         "(default: the default hold-out combinations)")
+        _sampling(parser)
+    else:
+        raise ValueError(f"unknown eval command {name!r}")
+
+
+def _config(args: argparse.Namespace) -> EvalConfig:
+    d = EvalConfig()
+    return EvalConfig(split=getattr(args, "split", d.split), lang=getattr(args, "lang", d.lang),
+                      num_captions=getattr(args, "num_captions", d.num_captions),
+                      num_images=getattr(args, "num_images", d.num_images),
+                      candidates=getattr(args, "candidates", d.candidates), fd=not getattr(args, "no_fd", False),
+                      fd_resolution=getattr(args, "fd_resolution", d.fd_resolution),
+                      limit=getattr(args, "limit", d.limit), batch_size=args.batch_size,
+                      grid_rows=getattr(args, "grid_rows", d.grid_rows), seed=args.seed)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
+            "guidance_scale": args.guidance_scale, "batch_size": args.sample_batch_size}
+
+
+def _load_pipeline(model: str, device: str, dtype: str) -> Any:
+    from holst.pipeline import Text2ImagePipeline
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if model.startswith("random:"):
+        return Text2ImagePipeline.from_random(model.split(":", 1)[1], seed=0).to(dev, dt)
+    return Text2ImagePipeline.from_pretrained(model, device=dev, dtype=dt)
+
+
+def _load_tokenizer(path: str | Path) -> Any:
+    from holst.text import BPETokenizer
+
+    path = Path(path)
+    return BPETokenizer.load(path) if path.is_file() else BPETokenizer.from_pretrained(path)
+
+
+def _components(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(vqgan, dalle, tokenizer) from --model (pipeline or component dir) and the optional overrides."""
+    from holst.hub import is_pipeline_dir
+
+    model = args.model
+    if model.startswith("random:") or is_pipeline_dir(model):
+        pipe = _load_pipeline(model, args.device, args.dtype)
+        return pipe.vqgan, pipe.dalle, pipe.tokenizer
+    dev = resolve_device(args.device)
+    if args.command == "vqgan":
+        from holst.vqgan import VQGAN
+
+        return VQGAN.from_pretrained(model, device=dev), None, None
+    from holst.dalle import DalleModel
+
+    dalle = DalleModel.from_pretrained(model, device=dev, dtype=resolve_dtype(args.dtype, dev))
+    if args.tokenizer is None:
+        raise ValueError(f"--model {model} is a transformer directory: give --tokenizer (and --vqgan with --data)")
+    vqgan = None
+    if args.vqgan is not None:
+        from holst.vqgan import VQGAN
+
+        vqgan = VQGAN.from_pretrained(args.vqgan, device=dev)
+    return vqgan, dalle, _load_tokenizer(args.tokenizer)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the report named by ``args.command``; prints the JSON summary path and headline numbers."""
+    from holst.eval import reports
+    from holst.utils.persist import CheckpointError
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = _config(args)
+        if args.command == "vqgan":
+            vqgan, _, _ = _components(args)
+            report = reports.eval_vqgan(vqgan, args.data, args.out, cfg, size=args.size, cache_dir=args.cache_dir)
+            keys = ("psnr", "ssim", "codebook_used_fraction", "codebook_perplexity", "fd_efflite0")
+        elif args.command == "dalle":
+            vqgan, dalle, tokenizer = _components(args)
+            if args.codes is None and (args.data is None or vqgan is None):
+                raise ValueError("give --codes (held-out code shards) or --data with a VQGAN "
+                                 "(a pipeline --model, or --vqgan)")
+            report = reports.eval_dalle(dalle, tokenizer, args.out, cfg, vqgan=vqgan, data=args.data, codes=args.codes)
+            keys = ("loss", "text_loss", "image_loss", "bits_per_image_token")
+        elif args.command == "pipeline":
+            pipe = _load_pipeline(args.model, args.device, args.dtype)
+            report = reports.eval_pipeline(pipe, args.data, args.out, cfg, sampling=_sampling_kwargs(args),
+                                           cache_dir=args.cache_dir)
+            keys = ("clip_score_best", "clip_score_mean", "r_precision", "real_r_precision", "fd_efflite0",
+                    "diversity_efflite0")
+        elif args.command == "shapes":
+            pipe = _load_pipeline(args.model, args.device, args.dtype)
+            report = reports.eval_shapes(pipe, args.out, cfg, data=args.data, sampling=_sampling_kwargs(args))
+            keys = ("accuracy", "any_image_all_right")
+        else:
+            raise ValueError(f"unknown eval command {args.command!r}")
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        print(f"holst eval {args.command}: {e}", file=sys.stderr)
+        return 2
+    summary = {k: report.get(k) for k in keys}
+    print(json.dumps({"report": str(Path(args.out) / f"{args.command}.json"), **reports._json_safe(summary)},
+                     ensure_ascii=False))
+    return 0
