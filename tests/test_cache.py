@@ -140,3 +140,27 @@ def test_prefill_rejects_full_image() -> None:
     text, codes = make_batch(model, 1)
     with pytest.raises(ValueError, match="at most N - 1"):
         model.prefill(text, codes, model.new_cache(1))
+
+
+@pytest.mark.parametrize("hf_version", ["v3", "v2"])
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_logits_12x12_grid(hf_version: str, static: bool) -> None:
+    """D = 12 > 2 x 5 + 1: the conv layer really masks keys (v3 clamped, v2 wrapped around the edges),
+    and row/col layers run their ring and column gathers over many rows."""
+    from holst.config import DalleConfig
+    from holst.dalle.masks import build_mask
+
+    cfg = DalleConfig(num_layers=3, hidden_size=32, num_attention_heads=2, text_seq_length=8, image_tokens_per_dim=12,
+                      vocab_size=64 + 8, image_vocab_size=32, embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
+                      output_dropout_prob=0.0, hf_version=hf_version)
+    conv = build_mask("conv", 8, 12, hf_version=hf_version)
+    assert not torch.equal(conv, torch.ones_like(conv).tril())  # the window hides some causal keys
+    torch.manual_seed(0)
+    model = DalleModel(cfg).eval()
+    model.init_weights(0.3)
+    text, codes = make_batch(model, 2)
+    P, N = model.num_text_positions, cfg.image_seq_length
+    with torch.no_grad():
+        full = model(torch.cat([text, codes], dim=1))[:, P - 1 : P - 1 + N, cfg.vocab_size :]
+        torch.testing.assert_close(cached_logits(model, text, codes, 0, static), full, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(cached_logits(model, text, codes, 30, static), full, atol=2e-5, rtol=1e-5)
