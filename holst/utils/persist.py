@@ -82,6 +82,9 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
     tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state) else v.detach().contiguous()
                for k, v in state.items()}
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file the user writes (not 0600)
     os.replace(tmp, path)
 
 
