@@ -4,7 +4,7 @@ Compares, in the same run: ``holst`` decode (embedding lookup, fused SDPA attent
 reference-style decode (``one_hot @ embed`` and bmm + softmax attention, as taming/ruDALL-E do),
 on the CPU, and on CUDA when present (fp32 and bf16). Weights are random: speed does not depend on them.
 
-    .venv/bin/python bench/vqgan.py [--preset sber] [--grid 32] [--batch 1 4] [--iters 3] [--threads 0]
+    .venv/bin/python bench/vqgan.py [--preset sber] [--grid 32] [--batch 1 4] [--iters 3] [--warmup 1] [--threads 0]
 """
 
 from __future__ import annotations
@@ -54,19 +54,21 @@ def reference_decode(model: VQGAN, codes: torch.Tensor) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-def _time(fn, device: torch.device, iters: int) -> float:
-    fn()  # warm-up
+def _time(fn, device: torch.device, iters: int, warmup: int) -> tuple[float, torch.Tensor]:
+    """Mean seconds per call and the last output."""
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        fn()
+        out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+    return (time.perf_counter() - t0) / iters, out
 
 
-def run(preset: str, grid: int, batches: list[int], iters: int) -> list[dict]:
+def run(preset: str, grid: int, batches: list[int], iters: int, warmup: int = 1) -> list[dict]:
     torch.manual_seed(0)
     model = VQGAN(get_vqgan_preset(preset)).eval()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -77,9 +79,9 @@ def run(preset: str, grid: int, batches: list[int], iters: int) -> list[dict]:
             m = model.to(device=device, dtype=dtype)
             for b in batches:
                 codes = torch.randint(0, m.config.n_embed, (b, grid, grid), device=device)
-                ours = _time(lambda m=m, codes=codes: m.decode(codes), device, iters)
-                ref = _time(lambda m=m, codes=codes: reference_decode(m, codes), device, iters)
-                diff = (m.decode(codes).float() - reference_decode(m, codes).float()).abs().max().item()
+                ours, a = _time(lambda m=m, codes=codes: m.decode(codes), device, iters, warmup)
+                ref, b_ = _time(lambda m=m, codes=codes: reference_decode(m, codes), device, iters, warmup)
+                diff = (a.float() - b_.float()).abs().max().item()
                 rows.append({"device": device.type, "dtype": str(dtype).replace("torch.", ""), "batch": b,
                              "codes": grid * grid, "image_px": grid * m.output_factor,
                              "holst_images_per_s": round(b / ours, 3), "reference_images_per_s": round(b / ref, 3),
@@ -94,11 +96,12 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=32, help="code grid side (32 -> 1024 codes)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.preset, args.grid, args.batch, args.iters)
+    rows = run(args.preset, args.grid, args.batch, args.iters, args.warmup)
     print(json.dumps({"bench": "vqgan_decode", "preset": args.preset, "threads": torch.get_num_threads(),
                       "results": rows}))
 

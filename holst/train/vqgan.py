@@ -310,7 +310,8 @@ def _train(cfg: VQGANTrainConfig, engine: Engine, dataset: Any, val_images: torc
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             usage = codebook_usage(torch.cat(recent_codes), mcfg.n_embed)
-            engine.log(done, {**logs, "loss": loss.detach(), "temp": temperature, "ppl": usage["perplexity"],
+            extra = {"temp": temperature} if mcfg.quantizer == "gumbel" else {}
+            engine.log(done, {**logs, "loss": loss.detach(), **extra, "ppl": usage["perplexity"],
                               "used": usage["used_fraction"], "lr": scheduler.get_last_lr()[0]}, total=cfg.max_steps)
         if val_images is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             metrics = _evaluate(bare, val_images, scale, out_dir, done, engine)
