@@ -279,6 +279,7 @@ def test_shapes_report_and_checker_on_ground_truth(tiny_pipe, tmp_path):
     rep = eval_shapes(tiny_pipe, tmp_path, EvalConfig(num_captions=3, num_images=1, grid_rows=2),
                       sampling={"top_k": 8})
     assert rep["n_specs"] == 3 and rep["n_heldout_specs"] > 100
+    assert rep["captions_truncated"] == 3  # the tiny model reads 16 text tokens: counted, not warned per caption
     assert rep["checker_on_ground_truth"]["all"] == 1.0
     assert 0 <= rep["accuracy"]["all"] <= 1 and rep["accuracy"]["n"] == 3
     assert (tmp_path / "shapes_accuracy.png").is_file() and (tmp_path / "shapes_grid.png").is_file()

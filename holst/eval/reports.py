@@ -379,14 +379,26 @@ def _clip_image_emb(pipe: Any, images: torch.Tensor, batch_size: int) -> torch.T
     return torch.cat(out)
 
 
-def _generate(pipe: Any, captions: Sequence[str], cfg: EvalConfig, sampling: dict) -> list[Any]:
-    """One pipeline call per caption, ``num_images`` images each, no reranking cut, no upscaling."""
-    outs = []
+def _generate(pipe: Any, captions: Sequence[str], cfg: EvalConfig, sampling: dict) -> tuple[list[Any], int]:
+    """One pipeline call per caption, ``num_images`` images each, no reranking cut, no upscaling.
+
+    Returns:
+        (one PipelineOutput per caption, how many captions were cut to fit the model's text length).
+    """
+    import warnings
+
+    outs, truncated = [], 0
     for i, caption in enumerate(captions):
         seed = cfg.seed * 1_000_003 + i * cfg.num_images  # distinct per image, fixed per (seed, caption slot)
-        outs.append(pipe(caption, num_images=cfg.num_images, seed=seed, rerank=0, upscale=1, **sampling))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # counted and reported once below instead of one warning per caption
+            outs.append(pipe(caption, num_images=cfg.num_images, seed=seed, rerank=0, upscale=1, **sampling))
+        truncated += any("cut off" in str(w.message) for w in caught)
         log.info("eval: generated %d/%d captions", i + 1, len(captions))
-    return outs
+    if truncated:
+        log.warning("eval: %d of %d captions were longer than the model's text length and were cut",
+                    truncated, len(captions))
+    return outs, truncated
 
 
 @torch.no_grad()
@@ -417,7 +429,7 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
     distinct, cap_index = _distinct(held.captions)
     chosen = _pick(len(distinct), cfg.num_captions, cfg.seed)
     captions = [distinct[i] for i in chosen]
-    outs = _generate(pipe, captions, cfg, sampling)
+    outs, truncated = _generate(pipe, captions, cfg, sampling)
     t_gen = time.perf_counter() - t0
     gen = torch.stack([pil_to_tensor(im) for o in outs for im in o.images])  # (C * n, 3, H, W), best first per caption
     groups = torch.arange(len(captions)).repeat_interleave(cfg.num_images)  # (C * n,)
@@ -427,7 +439,7 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
         "lang": cfg.lang, "n_captions": len(captions), "images_per_caption": cfg.num_images,
         "n_generated": int(gen.shape[0]), "n_heldout_images": int(held.images.shape[0]),
         "n_heldout_captions": len(distinct), "image_size": pipe.image_size,
-        "sampling": outs[0].settings if outs else {},
+        "sampling": outs[0].settings if outs else {}, "captions_truncated": truncated,
         "mean_perplexity": float(torch.tensor([p for o in outs for p in o.perplexities]).mean()),
     }
     # 1. CLIP score and R-precision (in-domain CLIP: comparable between holst models with the same CLIP only)
@@ -493,6 +505,7 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
           f"| diversity (1 - cos, EffLite0 features) | {_fmt(report.get('diversity_efflite0'))} | |",
           f"| diversity (1 - cos, CLIP image embeddings) | {_fmt(report.get('diversity_clip'))} | |",
           f"| mean image perplexity | {_fmt(report['mean_perplexity'])} | |", "",
+          f"Captions cut to the model's text length: {truncated} of {len(captions)}.", "",
           "Grid: one row per caption; first column a real held-out image, then the generated images best first.",
           "", "Captions: " + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(captions[:k])), "",
           "The CLIP model is the pipeline's own in-domain ranker (trained on this data's train split): its "
@@ -554,7 +567,7 @@ def eval_shapes(pipe: Any, out: str | Path, cfg: EvalConfig | None = None, *, da
     all_specs, source = shapes_heldout(data)
     specs = [all_specs[i] for i in _pick(len(all_specs), cfg.num_captions, cfg.seed)]
     captions = [shapes.caption(s, cfg.lang) for s in specs]
-    outs = _generate(pipe, captions, cfg, sampling)
+    outs, truncated = _generate(pipe, captions, cfg, sampling)
     side = max(64, pipe.image_size)  # the checker needs >= 32 px; small models are upsampled (nearest keeps colours)
     images = [[im if im.width >= side else im.resize((side, side), Image.Resampling.NEAREST) for im in o.images]
               for o in outs]
@@ -569,6 +582,7 @@ def eval_shapes(pipe: Any, out: str | Path, cfg: EvalConfig | None = None, *, da
         "n_heldout_specs": len(all_specs), "n_specs": len(specs), "images_per_spec": cfg.num_images,
         "lang": cfg.lang, "accuracy": acc, "accuracy_best_image": best, "any_image_all_right": any_right,
         "checker_on_ground_truth": truth, "sampling": outs[0].settings if outs else {},
+        "captions_truncated": truncated,
         "per_spec": [{"caption": c, "spec": s.to_dict(), "seeds": o.seeds} for c, s, o in zip(captions, specs, outs)],
         "seconds": time.perf_counter() - t0, "settings": cfg.to_dict(),
     }
