@@ -117,6 +117,7 @@ def remake_command(args: argparse.Namespace, seed: int, settings: dict[str, Any]
 
 def main(args: argparse.Namespace) -> int:
     """Run ``holst generate``; returns 0 on success, 2 on bad input."""
+    import torch
     from PIL import Image
 
     import holst
@@ -158,9 +159,11 @@ def main(args: argparse.Namespace) -> int:
     report = {
         "holst_version": holst.__version__, "prompt": args.prompt, "model": pipe.source,
         "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
         "seed": args.seed, "settings": out.settings, "image_prompt": args.image_prompt,
         "images": records, "grid": "grid.png", "elapsed_s": round(elapsed, 3),
-        "note": "image i is remade by its 'remake' command: same model, settings, device and dtype",
+        "note": "image i is remade by its 'remake' command with the same model, settings, device and dtype "
+                "(on a CPU also the same --threads: float sums in another order can move a pixel by one level)",
     }
     (out_dir / "generate.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{len(out.images)} image(s) in {elapsed:.1f} s -> {out_dir}/ (grid.png, generate.json)")
