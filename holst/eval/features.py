@@ -167,6 +167,8 @@ def cached_reference_stats(files: Sequence[str | Path], load: Callable[[], Itera
                 return state["mu"], state["sigma"], {"key": key, "cached": True, "n": meta["n"], "path": str(path)}
         except (OSError, ValueError, KeyError) as e:  # a damaged cache entry is recomputed, not fatal
             log.warning("ignoring unreadable stats cache %s: %s", path, e)
+    log.info("computing %s reference statistics of %d images (cached afterwards in %s)", fingerprint, len(files),
+             directory)
     feats = extract_features(net, load(), batch_size=batch_size)
     mu, sigma = feature_stats(feats)
     try:
