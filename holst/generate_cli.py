@@ -112,6 +112,9 @@ def remake_command(args: argparse.Namespace, seed: int, settings: dict[str, Any]
         parts += ["--guidance-scale", str(settings["guidance_scale"])]
     if args.image_prompt is not None:
         parts += ["--image-prompt", args.image_prompt]
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--threads", args.threads)):
+        if value not in (None, "auto"):
+            parts += [flag, str(value)]
     return shlex.join(parts)
 
 
