@@ -302,3 +302,22 @@ def test_cli_eval_pipeline_and_bad_split(dataset, tmp_path, capsys):
     rc = main(["eval", "vqgan", "--model", "random:tiny", "--data", str(tmp_path / "nosplit"),
                "--out", str(tmp_path / "x"), "--no-fd"])
     assert rc == 2 and "split='test'" in capsys.readouterr().err
+
+
+def test_dalle_report_from_code_shards_equals_report_from_images(dataset, tiny_pipe, tmp_path):
+    from holst.data.codes import write_code_shard
+    from holst.eval.reports import eval_dalle, load_heldout
+
+    vq, dalle = tiny_pipe.vqgan, tiny_pipe.dalle
+    held = load_heldout(dataset, split="test", size=dalle.config.image_tokens_per_dim * vq.downsample_factor)
+    with torch.no_grad():
+        grids = vq.encode(held.images)  # (N, D, D)
+    write_code_shard(tmp_path / "codes" / "test-000.safetensors", grids, {"ru": held.captions})
+    cfg = EvalConfig(batch_size=3)
+    from_codes = eval_dalle(dalle, tiny_pipe.tokenizer, tmp_path / "a", cfg, codes=tmp_path / "codes")
+    from_images = eval_dalle(dalle, tiny_pipe.tokenizer, tmp_path / "b", cfg, vqgan=vq, data=dataset)
+    assert from_codes["n_pairs"] == from_images["n_pairs"] == 7
+    for key in ("loss", "text_loss", "image_loss", "bits_per_image_token"):
+        assert from_codes[key] == pytest.approx(from_images[key], rel=1e-5)
+    with pytest.raises(ValueError, match="code shards"):
+        eval_dalle(dalle, tiny_pipe.tokenizer, tmp_path / "c", cfg)

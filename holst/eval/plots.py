@@ -120,8 +120,7 @@ def sorted_frequency_plot(counts: Sequence[float] | torch.Tensor, title: str, *,
     points = [(left + (right - left) * i / max(n - 1, 1), bottom - (bottom - top) * float(y[i]) / hi) for i in range(n)]
     if len(points) > 1:
         d.line(points, fill=BAR, width=2)
-    d.text((left, bottom + 4), "code rank (most used first) ->", fill=INK, font=font(10))
-    d.text((4, top - 14), "log10(1+count)", fill=INK, font=font(10))
+    d.text((left, bottom + 4), "code rank (most used first) ->   y: log10(1 + count)", fill=INK, font=font(10))
     return im
 
 
@@ -132,7 +131,7 @@ def heatmap(matrix: torch.Tensor, title: str, *, cell: int = 24) -> Image.Image:
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0
     R, C = m.shape
-    im = Image.new("RGB", (max(C * cell + 20, 260), R * cell + 56), "white")
+    im = Image.new("RGB", (max(C * cell + 20, 20 + 8 * len(title)), R * cell + 56), "white")
     d = ImageDraw.Draw(im)
     d.text((10, 6), title, fill=INK, font=font(13))
     for r in range(R):

@@ -194,7 +194,9 @@ def eval_vqgan(vqgan: Any, data: str | Path, out: str | Path, cfg: EvalConfig | 
     fd_key = "fd_efflite0"
     net, why = (fd_net, None) if fd_net is not None else (try_efflite0(cfg.fd_resolution) if cfg.fd else (None, "off"))
     if net is not None:
-        fp = f"{getattr(net, 'fingerprint', type(net).__name__)}|vqgan-target|{size}->{recon.shape[-1]}"
+        # the same images as the pipeline report's reference when the decoder keeps the size: one cache entry
+        tag = f"heldout|{size}" if recon.shape[-1] == size else f"heldout|{size}->{recon.shape[-1]}"
+        fp = f"{getattr(net, 'fingerprint', type(net).__name__)}|{tag}"
         mu_r, sig_r, info = cached_reference_stats(held.files, lambda: targets.split(cfg.batch_size), net,
                                                    fingerprint=fp, cache_dir=cache_dir, batch_size=cfg.batch_size)
         mu_g, sig_g = feature_stats(_fd_features(net, recon, cfg.batch_size))
