@@ -321,3 +321,19 @@ def test_dalle_report_from_code_shards_equals_report_from_images(dataset, tiny_p
         assert from_codes[key] == pytest.approx(from_images[key], rel=1e-5)
     with pytest.raises(ValueError, match="code shards"):
         eval_dalle(dalle, tiny_pipe.tokenizer, tmp_path / "c", cfg)
+
+
+def test_cli_eval_from_component_directories(dataset, tiny_pipe, tmp_path, capsys):
+    from holst.cli import main
+
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    m = tmp_path / "model"
+    rc = main(["eval", "dalle", "--model", str(m / "dalle"), "--tokenizer", str(m / "tokenizer"), "--vqgan",
+               str(m / "vqgan"), "--data", str(dataset), "--out", str(tmp_path / "r"), "--limit", "3"])
+    assert rc == 0 and json.loads((tmp_path / "r" / "dalle.json").read_text())["n_pairs"] == 3
+    rc = main(["eval", "vqgan", "--model", str(m / "vqgan"), "--data", str(dataset), "--out", str(tmp_path / "r"),
+               "--no-fd", "--limit", "2"])
+    assert rc == 0 and json.loads((tmp_path / "r" / "vqgan.json").read_text())["n_images"] == 2
+    capsys.readouterr()
+    rc = main(["eval", "dalle", "--model", str(m / "dalle"), "--data", str(dataset), "--out", str(tmp_path / "r")])
+    assert rc == 2 and "--tokenizer" in capsys.readouterr().err

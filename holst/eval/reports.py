@@ -141,6 +141,16 @@ def _fd_features(net: Any, images: torch.Tensor, batch_size: int) -> torch.Tenso
     return extract_features(net, images, batch_size=batch_size)
 
 
+def _fd_net(given: Any, cfg: EvalConfig, device: torch.device) -> tuple[Any, str | None]:
+    """(feature net, None), or (None, why not): ``given`` as is, else EfficientNet-Lite0 on the model's device."""
+    if given is not None:
+        return given, None
+    if not cfg.fd:
+        return None, "off"
+    net, why = try_efflite0(cfg.fd_resolution)
+    return (net.to(device) if net is not None else None), why
+
+
 # ---------------------------------------------------------------------------------------------
 # vqgan: reconstruction quality on held-out images
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +202,7 @@ def eval_vqgan(vqgan: Any, data: str | Path, out: str | Path, cfg: EvalConfig | 
         "codebook_used_fraction": usage["used_fraction"],
     }
     fd_key = "fd_efflite0"
-    net, why = (fd_net, None) if fd_net is not None else (try_efflite0(cfg.fd_resolution) if cfg.fd else (None, "off"))
+    net, why = _fd_net(fd_net, cfg, device)
     if net is not None:
         # the same images as the pipeline report's reference when the decoder keeps the size: one cache entry
         tag = f"heldout|{size}" if recon.shape[-1] == size else f"heldout|{size}->{recon.shape[-1]}"
@@ -470,7 +480,7 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
     else:
         report["clip_skipped"] = "the pipeline has no CLIP ranker: no CLIP score / R-precision"
     # 2. FD-EffLite0 against every held-out real image, and feature diversity
-    net, why = (fd_net, None) if fd_net is not None else (try_efflite0(cfg.fd_resolution) if cfg.fd else (None, "off"))
+    net, why = _fd_net(fd_net, cfg, pipe.device)
     if net is not None:
         fp = f"{getattr(net, 'fingerprint', type(net).__name__)}|heldout|{pipe.image_size}"
         mu_r, sig_r, info = cached_reference_stats(held.files, lambda: held.images.split(cfg.batch_size), net,
