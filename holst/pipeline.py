@@ -424,6 +424,16 @@ class Text2ImagePipeline:
         dtype = next(self.clip.parameters()).dtype
         return self.clip.score(images.to(dtype), ids).float().cpu()  # CLIP crops and resizes itself
 
+    @torch.inference_mode()
+    def score_images(self, images: list[Image.Image] | torch.Tensor, prompt: str) -> list[float]:
+        """CLIP scores of any images (PIL list or (B, 3, H, W) in [0, 1]) against a caption, e.g. to compare
+        generated images with their own and with shuffled captions. Raises ValueError without CLIP."""
+        if self.clip is None:
+            raise ValueError("this pipeline has no CLIP component (pipeline.json 'components' lacks 'clip')")
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([pil_to_tensor(im) for im in images])
+        return self.clip_scores(images.to(self.device).float(), prompt).tolist()
+
     def upscale_images(self, images: torch.Tensor, factor: int) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 3, factor*H, factor*W): the super-resolution net when it can, else Lanczos."""
         if factor == 1:

@@ -228,3 +228,15 @@ def test_inference_code_never_imports_train():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith("holst.train") for n in names), f"{path.name} imports {names}"
+
+
+def test_score_images_matches_the_output_scores(pipe):
+    out = pipe("синий квадрат", 3, seed=2)
+    own = pipe.score_images(out.images, "синий квадрат")  # uint8 pixels: a little off the float scores
+    assert own == pytest.approx(out.clip_scores, abs=0.01)
+    assert pipe.score_images(pipe.decode(out.codes), "синий квадрат") == pytest.approx(out.clip_scores, abs=1e-4)
+    other = pipe.score_images(out.images, "кот")
+    assert max(abs(a - b) for a, b in zip(other, own)) > 0.05
+    bare = Text2ImagePipeline.from_random("tiny", seed=1, clip=False, superres=False)
+    with pytest.raises(ValueError, match="no CLIP"):
+        bare.score_images(out.images, "кот")
