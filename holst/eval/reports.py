@@ -220,11 +220,8 @@ def eval_vqgan(vqgan: Any, data: str | Path, out: str | Path, cfg: EvalConfig | 
 
     counts = torch.bincount(all_codes.flatten().long(), minlength=n_embed)
     k = min(16, recon.shape[0])
-    pairs = []
-    for i in range(k):  # originals on one row, reconstructions below
-        pairs.append(targets[i])
-    for i in range(k):
-        pairs.append(recon[i])
+    shown = [round(i * (recon.shape[0] - 1) / max(k - 1, 1)) for i in range(k)]  # spread over styles and sources
+    pairs = [targets[i] for i in shown] + [recon[i] for i in shown]  # originals on one row, reconstructions below
     pngs = {
         "grid": make_grid(tensor_to_pil(torch.stack(pairs)), nrow=k),
         "codebook": plots.sorted_frequency_plot(counts, f"codebook usage: {usage['used']}/{n_embed} codes used, "
