@@ -337,3 +337,18 @@ def test_cli_eval_from_component_directories(dataset, tiny_pipe, tmp_path, capsy
     capsys.readouterr()
     rc = main(["eval", "dalle", "--model", str(m / "dalle"), "--data", str(dataset), "--out", str(tmp_path / "r")])
     assert rc == 2 and "--tokenizer" in capsys.readouterr().err
+
+
+def test_shapes_specs_come_from_the_dataset_folder(tmp_path):
+    from holst.data.shapes import build_shapes
+    from holst.eval.reports import shapes_heldout
+
+    build_shapes(tmp_path / "shapes", size=32, count=3, test_count=4, seed=0)
+    specs, source = shapes_heldout(tmp_path / "shapes")
+    rows = [json.loads(line) for line in (tmp_path / "shapes" / "captions.jsonl").read_text().splitlines()]
+    assert [s.id for s in specs] == [r["concept"] for r in rows if r["split"] == "test_concept"]
+    assert len(specs) == 4 and source == str(tmp_path / "shapes")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "captions.jsonl").write_text(json.dumps({"file": "a.png", "ru": "x", "split": "test"}) + "\n")
+    with pytest.raises(ValueError, match="spec"):
+        shapes_heldout(tmp_path / "plain")
