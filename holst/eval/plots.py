@@ -82,6 +82,39 @@ def bar_chart(values: Sequence[float], labels: Sequence[str], title: str, *, wid
     return im
 
 
+LINE_COLOURS = ((66, 110, 180), (210, 90, 40), (60, 150, 70), (150, 60, 170), (120, 120, 120))
+
+
+def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, *, width: int = 560,
+               height: int = 300, x_label: str = "step") -> Image.Image:
+    """Lines of (x, y) points, one colour per series, with a legend (e.g. training curves)."""
+    im, d, box = _axes(title, width, height)
+    left, top, right, bottom = box
+    points = [(float(x), float(y)) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(float(y))]
+    if not points:
+        d.text((left + 10, top + 10), "no finite values", fill=INK, font=font(12))
+        return im
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1.0), (y_hi if y_hi > y_lo else y_lo + 1.0)
+    _y_axis(d, box, y_lo, y_hi)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        px = left + (right - left) * (x - x_lo) / (x_hi - x_lo)
+        return px, bottom - (bottom - top) * (y - y_lo) / (y_hi - y_lo)
+
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+        pts = [to_px(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(float(y))]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        d.text((right - 150, top + 4 + 14 * i), name, fill=colour, font=font(11))
+    d.text((left, bottom + 4), _fmt(x_lo), fill=INK, font=font(10))
+    d.text((right - 40, bottom + 4), _fmt(x_hi), fill=INK, font=font(10))
+    d.text(((left + right) // 2 - 20, bottom + 18), x_label, fill=INK, font=font(11))
+    return im
+
+
 def histogram(values: Sequence[float] | torch.Tensor, title: str, *, bins: int = 30, width: int = 560,
               height: int = 300, x_label: str = "") -> Image.Image:
     """A histogram of values (e.g. bits per image token of each held-out image)."""
