@@ -738,6 +738,9 @@ class VQGANTrainConfig(TrainConfig):
     model: str = "emoji64"
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     init_from: str = ""
+    # fnmatch globs over parameter names to keep fixed, e.g. ["encoder.*", "quant_conv.*", "quantize.*"]:
+    # a decoder-only fine-tune of an ``init_from`` model that keeps every image's codes unchanged.
+    freeze: tuple[str, ...] = ()
     data: str = ""
     image_size: int = 64
     num_val: int = 64

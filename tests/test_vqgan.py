@@ -411,3 +411,31 @@ def test_perceptual_loss_uses_packaged_imagenet_weights():
     blurred = F.avg_pool2d(x, 3, 1, 1)
     assert loss(x, blurred).item() > 1e-3
     assert loss(x, 1 - x).item() > loss(x, blurred).item()
+
+
+def test_decoder_only_finetune_keeps_codes(tmp_path):
+    """freeze=[encoder, quant_conv, quantize] on an init_from model: every image keeps its codes
+    (the EMA codebook neither updates nor restarts), and only the decoder changes."""
+    from holst.train.vqgan import train_vqgan
+
+    torch.manual_seed(0)
+    base = VQGAN(get_vqgan_preset("tiny")).eval()
+    with torch.no_grad():  # a codebook with some codes unused, so a restart would show
+        base.encode(simple_images(8, seed=5))
+    base.save_pretrained(tmp_path / "base")
+    data = [{"image": im} for im in simple_images(32, seed=4)]
+    probe = simple_images(8, seed=6)
+    cfg = VQGANTrainConfig(model="tiny", init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "ft"),
+                           freeze=("encoder.*", "quant_conv.*", "quantize.*"), batch_size=8, max_steps=6, lr=1e-2,
+                           warmup_steps=0, eval_every=0, log_every=3, save_every=0, tensorboard=False, image_size=32,
+                           restart_threshold=0.9)
+    model, _ = train_vqgan(cfg, dataset=data)
+    assert torch.equal(model.encode(probe), base.encode(probe))
+    for name, p in model.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.", "quantize.")):
+            assert torch.equal(p, base.state_dict()[name]), name
+    changed = [n for n, p in model.state_dict().items() if n.startswith("decoder.")
+               and not torch.equal(p, base.state_dict()[n])]
+    assert changed, "the decoder did not train"
+    with pytest.raises(ValueError, match="match no parameter"):
+        train_vqgan(cfg.replace(freeze=("encoderr.*",), out_dir=str(tmp_path / "bad")), dataset=data)

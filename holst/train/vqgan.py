@@ -15,6 +15,7 @@ the ``data`` folder.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from holst.config import VQGANConfig, VQGANTrainConfig
 from holst.train.checkpoint import (
@@ -34,6 +36,7 @@ from holst.train.checkpoint import (
     set_threads,
 )
 from holst.train.engine import Engine
+from holst.train.lora import freeze_parameters
 from holst.train.optim import build_optimizer, build_scheduler
 from holst.utils.images import make_grid, save_png, tensor_to_pil
 from holst.utils.runtime import get_logger
@@ -209,6 +212,29 @@ def build_model(cfg: VQGANTrainConfig) -> VQGAN:
     return VQGAN(config)
 
 
+def freeze_for_finetune(model: VQGAN, patterns: tuple[str, ...] | list[str]) -> list[nn.Module]:
+    """Freeze the parameters matching ``patterns`` and return the modules left with nothing to train.
+
+    Those modules are kept in eval mode during training (see :func:`set_train_mode`), so a frozen EMA
+    quantizer neither updates nor restarts its codebook: with the encoder, ``quant_conv`` and
+    ``quantize`` frozen, every image keeps its codes and only the decoder learns.
+    """
+    if not patterns:
+        return []
+    names = freeze_parameters(model, list(patterns))  # raises when a pattern matches nothing
+    log.info("froze %d parameter tensors (%s)", len(names), ", ".join(patterns))
+    # By module name, so that modules holding only buffers (the EMA codebook) are caught too.
+    return [m for name, m in model.named_modules()
+            if name and any(fnmatch.fnmatchcase(name + ".", pat) for pat in patterns)]
+
+
+def set_train_mode(model: nn.Module, frozen_modules: list[nn.Module]) -> None:
+    """``model.train()``, except fully frozen modules, which stay in eval mode."""
+    model.train()
+    for module in frozen_modules:
+        module.eval()
+
+
 def train_vqgan(cfg: VQGANTrainConfig, *, dataset: Any = None, val_images: torch.Tensor | None = None,
                 resume: str | bool | None = None) -> tuple[VQGAN, dict[str, float]]:
     """Train a VQGAN.
@@ -242,6 +268,7 @@ def _train(cfg: VQGANTrainConfig, engine: Engine, dataset: Any, val_images: torc
     mcfg = bare.config
     log.info("VQGAN %s: %.2fM parameters, f%d, %d codes (%s quantizer)", cfg.model,
              sum(p.numel() for p in bare.parameters()) / 1e6, bare.downsample_factor, mcfg.n_embed, mcfg.quantizer)
+    frozen_modules = freeze_for_finetune(bare, cfg.freeze)
     model, optimizer = engine.prepare(bare, build_optimizer(bare, cfg))
     scheduler = build_scheduler(optimizer, cfg)
     use_gan = cfg.disc_weight > 0
@@ -267,7 +294,7 @@ def _train(cfg: VQGANTrainConfig, engine: Engine, dataset: Any, val_images: torc
     batches = _batches(dataset, cfg, engine.rank, engine.world_size, start)
     metrics: dict[str, float] = {}
     recent_codes: list[torch.Tensor] = []
-    model.train()
+    set_train_mode(model, frozen_modules)
     for step in range(start, cfg.max_steps):
         target = next(batches).to(device, non_blocking=True)
         if cfg.hflip:
@@ -315,7 +342,7 @@ def _train(cfg: VQGANTrainConfig, engine: Engine, dataset: Any, val_images: torc
                               "used": usage["used_fraction"], "lr": scheduler.get_last_lr()[0]}, total=cfg.max_steps)
         if val_images is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             metrics = _evaluate(bare, val_images, scale, out_dir, done, engine)
-            model.train()
+            set_train_mode(model, frozen_modules)
         if cfg.save_every and done % cfg.save_every == 0 or engine.should_stop() or done == cfg.max_steps:
             engine.save_checkpoint(checkpoint_path(out_dir), model=model, optimizer=optimizer, scheduler=scheduler,
                                    disc=disc, opt_d=opt_d, generator=generator, step=done)
