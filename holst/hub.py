@@ -23,10 +23,14 @@ from typing import Any
 import torch
 
 from holst.config import ConfigError, PipelineConfig
-from holst.utils.persist import CheckpointError, atomic_write_bytes
+from holst.utils.persist import WEIGHTS_NAME, CheckpointError, atomic_write_bytes
+from holst.utils.runtime import get_logger
+
+logger = get_logger("holst.hub")
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 CLIP_TOKENIZER_DIR = "tokenizer"  # inside clip/
+OPTIONAL_COMPONENTS = ("superres",)  # may be absent although listed (converted at set-up, not committed)
 
 
 @dataclasses.dataclass
@@ -131,7 +135,7 @@ def load_pipeline(directory: str | Path, *, device: str | torch.device = "cpu",
     directory = Path(directory)
     config = read_pipeline_config(directory)
     for name in config.components:
-        if not (directory / name).is_dir():
+        if name not in OPTIONAL_COMPONENTS and not (directory / name).is_dir():
             raise CheckpointError(f"{directory / PIPELINE_CONFIG_NAME} lists component {name!r} but "
                                   f"{directory / name} does not exist")
     parts = PipelineComponents(
@@ -144,10 +148,16 @@ def load_pipeline(directory: str | Path, *, device: str | torch.device = "cpu",
 
         parts.clip = CLIPModel.from_pretrained(directory / "clip", device=device, dtype=dtype)
         parts.clip_tokenizer = BPETokenizer.from_pretrained(directory / "clip" / CLIP_TOKENIZER_DIR)
-    if "superres" in config.components:
+    # The super-resolution weights of the shipped model are converted by setup.sh (not committed):
+    # load them whenever they are there; when pipeline.json lists them but they are missing, upscaling
+    # falls back to Lanczos and says so.
+    if (directory / "superres" / WEIGHTS_NAME).is_file():
         from holst.superres import RRDBNet
 
         parts.superres = RRDBNet.from_pretrained(directory / "superres", device=device, dtype=torch.float32)
+    elif "superres" in config.components:
+        logger.warning("%s lists 'superres' but %s is missing (run ./setup.sh); upscaling uses Lanczos",
+                       directory / PIPELINE_CONFIG_NAME, directory / "superres" / WEIGHTS_NAME)
     parts.check()
     return parts, config
 

@@ -240,3 +240,21 @@ def test_score_images_matches_the_output_scores(pipe):
     bare = Text2ImagePipeline.from_random("tiny", seed=1, clip=False, superres=False)
     with pytest.raises(ValueError, match="no CLIP"):
         bare.score_images(out.images, "кот")
+
+
+def test_superres_weights_are_optional_and_picked_up_when_present(tmp_path, caplog):
+    """models/default's Real-ESRGAN weights are converted by setup.sh, not committed: a pipeline
+    directory loads with or without them, and uses them when they are there."""
+    import shutil
+
+    from holst import Text2ImagePipeline
+
+    pipe = Text2ImagePipeline.from_random("tiny", superres=True)
+    pipe.save_pretrained(tmp_path / "p")
+    shutil.move(tmp_path / "p" / "superres", tmp_path / "superres_converted")
+    with caplog.at_level("WARNING"):
+        missing = Text2ImagePipeline.from_pretrained(tmp_path / "p")
+    assert missing.superres is None and "Lanczos" in caplog.text
+    shutil.move(tmp_path / "superres_converted", tmp_path / "p" / "superres")
+    present = Text2ImagePipeline.from_pretrained(tmp_path / "p")
+    assert present.superres is not None
