@@ -14,12 +14,13 @@ from PIL import Image
 from holst.eval.plots import line_chart
 from holst.utils.images import save_png
 
-# (stage directory, title, {legend: metric key})
+# (stage directories, run one after the other; title; {legend: metric key})
 PANELS = (
-    ("vqgan", "VQGAN: reconstruction loss (L1 + L2)", {"train rec": "rec"}),
-    ("vqgan", "VQGAN: held-out PSNR (dB)", {"val PSNR": "val_psnr"}),
-    ("dalle", "transformer: loss (text / image / weighted)", {"loss": "loss", "text": "text", "image": "image"}),
-    ("clip", "CLIP: contrastive loss", {"loss": "loss"}),
+    (("vqgan", "vqgan_dec"), "VQGAN: reconstruction loss (L1 + L2); then decoder only", {"train rec": "rec"}),
+    (("vqgan", "vqgan_dec"), "VQGAN: held-out PSNR (dB)", {"val PSNR": "val_psnr"}),
+    (("dalle", "dalle2"), "transformer: loss (weighted / text / image)", {"loss": "loss", "text": "text",
+                                                                         "image": "image"}),
+    (("clip",), "CLIP: contrastive loss", {"loss": "loss"}),
 )
 
 
@@ -29,10 +30,20 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_stages(runs: Path, stages: tuple[str, ...]) -> list[dict]:
+    """Metrics of consecutive runs, later runs' steps shifted to continue the earlier ones."""
+    rows, offset = [], 0
+    for stage in stages:
+        part = read_metrics(runs / stage / "metrics.jsonl")
+        rows += [{**r, "step": r["step"] + offset} for r in part]
+        offset = max([r["step"] for r in rows], default=offset)
+    return rows
+
+
 def main(runs: str, out: str) -> None:
     panels = []
-    for stage, title, keys in PANELS:
-        rows = read_metrics(Path(runs) / stage / "metrics.jsonl")
+    for stages, title, keys in PANELS:
+        rows = read_stages(Path(runs), stages)
         series = {}
         for legend, key in keys.items():
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]

@@ -12,16 +12,6 @@ from holst.dalle.quant import Int8Linear, quantize_linear_layers, quantize_weigh
 from holst.presets import get_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine the spinning
-    worker threads cost 5x the time; restore the caller's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(hf_version: str = "v3", attn_impl: str = "sdpa", std: float = 0.3) -> DalleModel:
     torch.manual_seed(0)
     model = DalleModel(get_preset("tiny", hf_version=hf_version), attn_impl=attn_impl).eval()

@@ -21,15 +21,6 @@ SMALL = dict(embed_dim=24, image_resolution=32, vision_layers=2, vision_width=12
              transformer_layers=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two and keeps the shared CPU free."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------- reference
 def official_state_dict(cfg: ClipConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random state dict with ruCLIP's key names and shapes (reference.md §5), built by hand."""

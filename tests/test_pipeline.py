@@ -15,15 +15,6 @@ from holst.pipeline import PipelineOutput, Text2ImagePipeline, make_seeds
 from holst.utils.persist import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is ~50x faster than two fighting over a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe() -> Text2ImagePipeline:
     return Text2ImagePipeline.from_random("tiny", seed=0)

@@ -29,16 +29,6 @@ from holst.sampling import (
 KW = dict(top_k=40, top_p=0.97)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine the spinning
-    worker threads cost 5x the time; restore the caller's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["v3", "v2"])
 def model(request) -> DalleModel:
     torch.manual_seed(0)

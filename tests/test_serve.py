@@ -10,20 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from PIL import Image
 
 from holst.config import ConfigError, ServeConfig
 from holst.pipeline import Text2ImagePipeline
 from holst.serve.app import make_server, png_bytes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

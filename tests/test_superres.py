@@ -23,15 +23,6 @@ from holst.utils.persist import CheckpointError
 TINY = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run fastest on one thread, and far faster than oversubscribed threads on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(scale: int = 4, seed: int = 0, **kw) -> RRDBNet:
     torch.manual_seed(seed)
     return RRDBNet(SuperResConfig(scale=scale, **{**TINY, **kw})).eval()

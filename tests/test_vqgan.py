@@ -21,15 +21,6 @@ SMALL = dict(ch=32, ch_mult=[1, 1, 2, 4], num_res_blocks=2, attn_resolutions=[4]
              n_embed=64, embed_dim=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded: these small convs run far faster that way on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------
 # A literal, functional re-statement of taming's Encoder/Decoder over a raw state dict (reference.md
 # §4.2-4.3), independent of holst.vqgan's modules: our model must agree with it.
