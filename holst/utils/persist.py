@@ -69,6 +69,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _chmod_default(tmp)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,10 +83,15 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
     tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state) else v.detach().contiguous()
                for k, v in state.items()}
     save_file(tensors, str(tmp), metadata=metadata)
+    _chmod_default(tmp)
+    os.replace(tmp, path)
+
+
+def _chmod_default(path: str | Path) -> None:
+    """Give a temp file the permissions of any file the user writes (0666 minus the umask, not 0600)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file the user writes (not 0600)
-    os.replace(tmp, path)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _shares_storage(t: torch.Tensor, state: dict[str, torch.Tensor]) -> bool:
