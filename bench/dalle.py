@@ -76,7 +76,6 @@ def bench_impl(preset: str, impl: str, batch: int, dtype: torch.dtype, device: t
         result["train_tokens_per_s"] = tokens / result["train_step_s"]
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    del model
     return result
 
 
