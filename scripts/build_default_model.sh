@@ -40,7 +40,7 @@ PYEOF
   $HOLST train tokenizer "$RUNS/captions.txt" --vocab-size 2048 --out "$RUNS/tokenizer" --text-seq-length 24
 fi
 
-# 3. CLIP for ranking (the run stopped at max_minutes and was resumed once with the same command + --resume).
+# 3. CLIP for ranking (max_minutes cut the run twice; re-running this same command resumed it to 1,200 steps).
 step "3/9 clip -> $RUNS/clip/final"
 done_already "$RUNS/clip/final/model.safetensors" || \
   $HOLST train clip --config configs/train/clip_emoji64.yaml --set data=data/default \
