@@ -13,31 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 from holst.rerank.clip import CLIPModel, clip_preset, contrastive_loss
 from holst.utils.runtime import resolve_device, resolve_dtype
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, steps: int, device: torch.device) -> float:
-    """Median seconds of ``steps`` calls after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def reference_tower(blocks, x: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:

@@ -12,31 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from timing import timed
 
 from holst.dalle import DalleModel
 from holst.presets import get_preset
 from holst.utils.runtime import resolve_device, resolve_dtype
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, steps: int, device: torch.device) -> float:
-    """Median seconds of ``steps`` calls after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def bench_impl(preset: str, impl: str, batch: int, dtype: torch.dtype, device: torch.device, steps: int,
