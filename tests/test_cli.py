@@ -108,7 +108,7 @@ def test_prepare_pipeline_assembles_component_dirs(tmp_path):
 
 def test_cuda_graph_needs_cuda(model_dir, tmp_path, caplog):
     if torch.cuda.is_available():
-        pytest.skip("this checks the CPU refusal")
+        pytest.skip("this checks the refusal where CUDA is missing")
     assert main(["generate", "кот", "--model", str(model_dir), "--out", str(tmp_path / "c"), "--cuda-graph",
                  "--device", "cpu"]) == 2
     assert "CUDA" in caplog.text

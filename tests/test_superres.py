@@ -176,7 +176,7 @@ def _wheel_param():
 
 
 def test_ncnn_wheel_x4plus_matches_ncnn_runtime(tmp_path):
-    """Converted realesrgan-x4plus vs the ncnn runtime of the same wheel: within 2/255 per pixel, mean < 0.05/255."""
+    """Converted realesrgan-x4plus vs the ncnn runtime of the same wheel: within 1/255 per pixel, mean < 0.05/255."""
     param = _wheel_param()
     out = convert_realesrgan(param, tmp_path / "sr")
     model = RRDBNet.from_pretrained(out)
@@ -201,7 +201,8 @@ def test_ncnn_wheel_x4plus_matches_ncnn_runtime(tmp_path):
     ours = ours[0].permute(1, 2, 0).mul(255).round().numpy().astype(np.int16)
     diff = np.abs(ours - ref)
     assert ref.shape == (128, 128, 3)
-    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    # the README's claim: within 1/255 per pixel (measured: max 1, mean 0.011, i.e. 1 % of values off by one)
+    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 class FakeVQ(torch.nn.Module):
