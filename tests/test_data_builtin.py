@@ -1,4 +1,4 @@
-"""Built-in sets: emoji and Tux Paint builders (real packages when cached, fixtures otherwise; no network)."""
+"""Built-in sets: emoji and Tux Paint builders on fixtures and on small real downloads (npm / Debian, then cached)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from holst.data.builtin import SPLITS, assign_split, ensure_viewbox
-from holst.data.emoji import CAPTIONS_PACKAGE, STYLES, IconSet, build_emoji, norm_hex
+from holst.data.emoji import IconSet, build_emoji, norm_hex
 from holst.data.loaders import TableDataset
-from holst.data.packages import cache_dir, npm_tarball_name
-from holst.data.tuxpaint import PACKAGE, STAMPS_DIR, build_tuxpaint, clean_caption, parse_description
+from holst.data.packages import PackageError
+from holst.data.tuxpaint import build_tuxpaint, clean_caption, parse_description
 
 
 def test_norm_hex_and_viewbox():
@@ -61,33 +61,38 @@ def test_iconset_aliases_and_flips():
     assert np.array_equal(a[:, ::-1], b)
 
 
-def _have_emoji_packages() -> bool:
-    cache = cache_dir()
-    names = [npm_tarball_name(*CAPTIONS_PACKAGE[:2])] + [npm_tarball_name(STYLES[s][0], STYLES[s][1])
-                                                         for s in ("noto", "twemoji")]
-    return all((cache / "npm" / n).is_file() for n in names)
+def _fetching(build, *args, **kwargs) -> dict:
+    """Run a builder that fetches its package (npm pack / apt-get download) into the holst cache; a machine with
+    no registry access skips, which tests/conftest.py turns into a failure after ./setup.sh --dev."""
+    try:
+        return build(*args, **kwargs)
+    except PackageError as e:
+        pytest.skip(f"package registry not reachable: {e}")
 
 
-@pytest.mark.skipif(not _have_emoji_packages(), reason="emoji npm packages not cached (run holst data emoji once)")
-def test_emoji_builder_on_cached_packages(tmp_path: Path):
-    pytest.importorskip("resvg_py")
-    meta = build_emoji(tmp_path / "e", size=32, styles=["noto", "twemoji"], limit=12, offline=True,
-                       heldout_concepts=0.2, heldout_styles=0.3)
+def test_emoji_builder_on_a_real_download(tmp_path: Path):
+    """One style (twemoji, 1.5 MB) + the CLDR names (6.7 MB), fetched with npm pack on first use."""
+    meta = _fetching(build_emoji, tmp_path / "e", size=32, styles=["twemoji"], limit=12, heldout_concepts=0.2,
+                     heldout_styles=0.3)
     rows = [json.loads(line) for line in open(tmp_path / "e" / "captions.jsonl", encoding="utf-8")]
-    assert meta["counts"]["images"] == len(rows) and 12 <= len(rows) <= 24
-    first = next(r for r in rows if r["hexcode"] == "1F600")
+    assert meta["counts"]["images"] == len(rows) and 10 <= len(rows) <= 12
+    assert [r["hexcode"] for r in rows[:3]] == ["1F600", "1F603", "1F604"]  # emojibase order
+    first = rows[0]
     assert first["ru"] == "широко улыбается" and first["en"] == "grinning face" and first["group"] == "smileys-emotion"
-    assert {r["style"] for r in rows} == {"noto", "twemoji"} and {r["split"] for r in rows} <= set(SPLITS)
+    assert {r["style"] for r in rows} == {"twemoji"} and {r["split"] for r in rows} <= set(SPLITS)
     image = Image.open(tmp_path / "e" / first["file"])
     assert image.size == (32, 32) and image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+    r, g, b = image.getpixel((16, 8))  # the yellow face (twemoji #FFCC4D), not a blank render
+    assert r > 200 and g > 150 and b < 120, (r, g, b)
     assert (tmp_path / "e" / "LICENSES" / "twemoji.txt").read_text().count("CC BY 4.0") >= 1
     ds = TableDataset(tmp_path / "e", split="all", size=32, langs=("ru", "en"))
     assert len(ds) == 2 * len(rows)
-    build_emoji(tmp_path / "e2", size=32, styles=["noto", "twemoji"], limit=12, offline=True,
-                heldout_concepts=0.2, heldout_styles=0.3)
+    build_emoji(tmp_path / "e2", size=32, styles=["twemoji"], limit=12, offline=True, heldout_concepts=0.2,
+                heldout_styles=0.3)  # from the cache, identical
     assert (tmp_path / "e" / "captions.jsonl").read_bytes() == (tmp_path / "e2" / "captions.jsonl").read_bytes()
+    assert (tmp_path / "e" / first["file"]).read_bytes() == (tmp_path / "e2" / first["file"]).read_bytes()
     with pytest.raises(FileExistsError):
-        build_emoji(tmp_path / "e", size=32, styles=["noto"], limit=1, offline=True)
+        build_emoji(tmp_path / "e", size=32, styles=["twemoji"], limit=1, offline=True)
 
 
 def _fake_stamps(root: Path) -> Path:
@@ -125,18 +130,18 @@ def test_tuxpaint_builder_on_fixture(tmp_path: Path):
     assert (tmp_path / "t" / "LICENSES" / "tuxpaint-stamps.txt").read_text().startswith("Images and descriptions")
 
 
-def _cached_stamps() -> Path | None:
-    root = cache_dir() / "deb" / f"{PACKAGE[0]}_{PACKAGE[1]}" / STAMPS_DIR
-    return root if root.is_dir() else None
-
-
-@pytest.mark.skipif(_cached_stamps() is None, reason="Tux Paint package not cached (run holst data tuxpaint once)")
-def test_tuxpaint_builder_on_cached_package(tmp_path: Path):
-    pytest.importorskip("resvg_py")
-    meta = build_tuxpaint(tmp_path / "t", size=32, limit=15, stamps_root=_cached_stamps())
-    assert meta["counts"]["images"] >= 12
+def test_tuxpaint_builder_on_a_real_download(tmp_path: Path):
+    """The Debian package (161 MB, fetched with apt-get download on first use, then cached), 15 stamps."""
+    meta = _fetching(build_tuxpaint, tmp_path / "t", size=32, limit=15)
+    assert 12 <= meta["counts"]["images"] <= 15
     rows = [json.loads(line) for line in open(tmp_path / "t" / "captions.jsonl", encoding="utf-8")]
+    assert len(rows) == meta["counts"]["images"]
     assert all(r["ru"] and r["en"] and any("а" <= ch <= "я" for ch in r["ru"].lower()) for r in rows)
+    assert {r["style"] for r in rows} <= {"photo", "clipart"} and all(r["concept"].count("/") >= 1 for r in rows)
+    for r in rows[:3]:
+        image = np.asarray(Image.open(tmp_path / "t" / r["file"]))
+        assert image.shape == (32, 32, 3) and image.std() > 5  # a stamp, not a blank canvas
+    assert "GPL" in (tmp_path / "t" / "LICENSES" / "tuxpaint-stamps.txt").read_text()
 
 
 def test_merge_and_build_dataset_from_config(tmp_path: Path):
