@@ -424,7 +424,8 @@ def test_training_alphabet_matches_yttm(corpus, tmp_path, coverage):
     assert ("ђ" in ours.vocab()) == (coverage == 1.0)
     # merges: same tie-breaking queue discipline, only the initial queue order differs (hash order there)
     assert ours.vocab()[4 + n_chars] == ref.vocab()[4 + n_chars]
-    assert len(set(ours.vocab()) & set(ref.vocab())) >= 0.9 * ref.vocab_size()
+    # the README's figure for this toy corpus full of frequency ties: >= 95 % shared (measured 384 and 386 of 400)
+    assert len(set(ours.vocab()) & set(ref.vocab())) >= 0.95 * ref.vocab_size()
 
 
 @needs_yttm
