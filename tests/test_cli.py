@@ -1,4 +1,5 @@
-"""``holst generate``: files written, byte-identical reproduction from the recorded seed, errors, fallback."""
+"""``holst generate``: files written, byte-identical reproduction from the recorded seed, errors, fallback;
+every listed command's ``--help``, every shipped config, ``holst bench``."""
 
 from __future__ import annotations
 
@@ -112,3 +113,81 @@ def test_cuda_graph_needs_cuda(model_dir, tmp_path, caplog):
     assert main(["generate", "кот", "--model", str(model_dir), "--out", str(tmp_path / "c"), "--cuda-graph",
                  "--device", "cpu"]) == 2
     assert "CUDA" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# every command's --help, every shipped config, holst bench
+# ---------------------------------------------------------------------------------------------
+
+
+def _listed_commands(capsys) -> list[list[str]]:
+    """The commands ``holst --help`` prints, as argv prefixes (['generate'], ['train', 'dalle'], ...)."""
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    block = text.split("commands:\n", 1)[1]
+    listed = []
+    for line in block.splitlines():
+        if not line.startswith("  ") or not line.strip():
+            break
+        words = line.split()
+        listed.append(words[:2] if words[0] in {"train", "convert", "prepare", "data", "eval"} else words[:1])
+    return listed
+
+
+def test_every_listed_command_has_working_help(capsys):
+    """``holst <command> --help`` for every command ``holst --help`` lists: the module imports and its parser builds."""
+    listed = _listed_commands(capsys)
+    assert ["generate"] in listed and ["train", "dalle"] in listed and ["bench"] in listed and len(listed) >= 20
+    for argv in listed:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"usage: holst {' '.join(argv)}"), (argv, out[:200])
+
+
+TRAIN_CONFIG_CLASS = {"dalle": "DalleTrainConfig", "vqgan": "VQGANTrainConfig", "clip": "ClipTrainConfig",
+                      "superres": "SuperResTrainConfig"}
+
+
+def _yaml_files():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: p.name)
+def test_every_shipped_config_loads_into_its_config_class(path):
+    """configs/train/<stage>_*.yaml through the loader of ``holst train <stage> --config`` (nothing dropped)."""
+    import importlib
+
+    import yaml
+
+    from holst.cli import COMMANDS
+    from holst.train.args import load_train_config
+
+    stage = path.stem.split("_", 1)[0]
+    assert stage in TRAIN_CONFIG_CLASS, f"{path.name}: name it <stage>_<what>.yaml ({list(TRAIN_CONFIG_CLASS)})"
+    cls = getattr(importlib.import_module(COMMANDS[("train", stage)][0]), TRAIN_CONFIG_CLASS[stage])
+    cfg = load_train_config(cls, path)
+    assert isinstance(cfg, cls)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    loaded = cfg.to_dict()
+    assert set(raw) <= set(loaded), f"{path.name}: keys the class does not know: {set(raw) - set(loaded)}"
+    assert type(cfg).from_dict(loaded) == cfg  # round trip
+
+
+def test_bench_lists_and_runs_scripts(tmp_path, capsys):
+    from holst.bench_cli import DEFAULT_DIR, list_benchmarks
+
+    names = list_benchmarks(DEFAULT_DIR)
+    assert {"generate", "train", "tokenizer"} <= set(names) and "timing" not in names
+    assert main(["bench"]) == 0
+    listing = capsys.readouterr().out
+    assert all(line.split()[0] in names for line in listing.splitlines()) and len(listing.splitlines()) == len(names)
+    (tmp_path / "echo.py").write_text('"""Echo."""\nimport sys\n\n\ndef main():\n    sys.exit(int(sys.argv[1]))\n\n\n'
+                                      'if __name__ == "__main__":\n    main()\n')
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    assert main(["bench", "--dir", str(tmp_path)]) == 0 and capsys.readouterr().out.split() == ["echo", "Echo."]
+    assert main(["bench", "--dir", str(tmp_path), "echo", "7"]) == 7  # the script ran with its arguments
+    assert main(["bench", "--dir", str(tmp_path), "helper"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
