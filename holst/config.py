@@ -527,7 +527,8 @@ SUPERRES_DEGRADATIONS = ("auto", "vqgan", "classic")
 class SuperResTrainConfig(TrainConfig):
     """``holst train superres``: fine-tune (``init``) or train an RRDBNet on (LR, HR) pairs made on the fly.
 
-    HR = random ``hr_size`` crops of the images under ``data``; LR = the crop shrunk by ``scale`` and
+    HR = random ``hr_size`` crops of the images under ``data`` (read by holst.data, resized and
+    centre-cropped to ``image_size``; 0 = ``hr_size``); LR = the crop shrunk by ``scale`` and
     degraded. ``degradation``: 'vqgan' round-trips LR through the VQGAN at ``vqgan`` (what the
     pipeline's decoder produces), 'classic' applies blur + noise + JPEG, 'auto' = 'vqgan' when
     ``vqgan`` is set, else 'classic'. ``classic_prob``: share of 'vqgan' batches degraded classically.
@@ -560,6 +561,7 @@ class SuperResTrainConfig(TrainConfig):
         super().__post_init__()
         check_choice("scale", self.scale, SUPERRES_SCALES)
         check_choice("degradation", self.degradation, SUPERRES_DEGRADATIONS)
+    image_size: int = 0
         _check(self.degradation != "vqgan" or bool(self.vqgan), "degradation='vqgan' needs vqgan=<VQGAN directory>")
         for name in ("num_feat", "num_grow_ch", "hr_size"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
@@ -576,6 +578,8 @@ class SuperResTrainConfig(TrainConfig):
         _check(self.jpeg_quality[1] <= 100, f"jpeg_quality={self.jpeg_quality!r}: qualities lie in [1, 100]")
 
 
+        _check(isinstance(self.image_size, int) and (self.image_size == 0 or self.image_size >= self.hr_size),
+               f"image_size={self.image_size!r} must be 0 (= hr_size) or an integer >= hr_size={self.hr_size}")
 # --------------------------------------------------------------------------------------------
 # Text tokenizer
 # --------------------------------------------------------------------------------------------
@@ -857,6 +861,8 @@ class DataConfig(ConfigBase):
     max_pixels: int = 8192 * 8192
 
     def __post_init__(self) -> None:
+    ``require_captions``: False keeps images that have no caption at all (image-only stages); an
+    empty caption is a caption (kept as ``""``) either way.
         if isinstance(self.sources, str):
             self.sources = (self.sources,)
         if isinstance(self.langs, str):
@@ -866,11 +872,12 @@ class DataConfig(ConfigBase):
                f"sources={self.sources!r} must be a non-empty list of paths")
         _check(len(self.langs) > 0 and all(isinstance(s, str) and s for s in self.langs),
                f"langs={self.langs!r} must be a non-empty list of language codes, e.g. ['ru', 'en']")
+    require_captions: bool = True
         _check(isinstance(self.image_size, int) and self.image_size >= 8,
                f"image_size={self.image_size!r} must be an integer >= 8")
         check_choice("crop", self.crop, ("center", "random", "pad"))
         check_choice("split", self.split, ("train", "test", "test_concept", "test_style", "all"))
-        _check(isinstance(self.max_pixels, int) and self.max_pixels > 0,
+        _check(isinstance(self.max_pixels, int) and not isinstance(self.max_pixels, bool) and self.max_pixels > 0,
                f"max_pixels={self.max_pixels!r} must be a positive integer")
 
 
@@ -883,6 +890,8 @@ class DataConfig(ConfigBase):
 class EvalConfig(ConfigBase):
     """Settings of ``holst eval``; each report records them so numbers are compared like with like.
 
+        _check(isinstance(self.require_captions, bool),
+               f"require_captions={self.require_captions!r} must be true or false")
     ``split``: held-out rows of the dataset folder (test = test_concept + test_style).
     ``lang``: caption language ('ru', 'en'; 'both' only for the dalle report). ``num_captions`` held-out
     captions (0 = all) x ``num_images`` images each for the pipeline / shapes reports.

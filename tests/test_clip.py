@@ -298,7 +298,7 @@ def test_train_clip_end_to_end(tmp_path):
     cfg = ClipTrainConfig(out_dir=str(tmp_path / "run"), preset="tiny", max_steps=50, batch_size=12, lr=2e-3,
                           warmup_steps=5, eval_every=0, save_every=25, log_every=25, tokenizer_vocab_size=80,
                           weight_decay=0.0, tensorboard=False, num_threads=1)
-    result = train_clip(cfg, train_data=items, eval_data=toy_items(1))
+    result = train_clip(cfg, train_data=items, eval_data=toy_items(1)).metrics
     fit = result["train_fit"]
     # 24 pairs; chance R@1 is 2/24 (the image's two captions). A trained tiny CLIP retrieves most pairs.
     assert fit["chance_r@1"] == pytest.approx(2 / 24)
@@ -315,4 +315,4 @@ def test_train_clip_end_to_end(tmp_path):
     assert (right > wrong).float().mean() >= 0.75
     # Resume: continues from the saved step and stops at the new max_steps.
     more = train_clip(cfg.replace(max_steps=55), train_data=items, eval_data=None, resume=True)
-    assert more["step"] == 55
+    assert more.step == 55

@@ -255,11 +255,11 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path):
                               tensorboard=False, device="cpu")
     before = _eval_l1(build_model(cfg).eval(), images)
     result = train_superres(cfg, images=images)
-    trained = RRDBNet.from_pretrained(result["model_dir"])
+    trained = RRDBNet.from_pretrained(result.final_dir)
     after = _eval_l1(trained, images)
     assert after < 0.6 * before, (before, after)
     more = train_superres(cfg.replace(max_steps=64), images=images, resume=True)
-    assert more["steps"] == 64 and len(more["losses"]) == 4
+    assert more.step == 64 and more.last_loss is not None
 
 
 def test_trainer_reads_an_image_folder(tmp_path):
@@ -271,8 +271,8 @@ def test_trainer_reads_an_image_folder(tmp_path):
         Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
     cfg = SuperResTrainConfig(out_dir=str(tmp_path / "run"), data=str(tmp_path), scale=4, num_feat=8, num_block=0,
                               num_grow_ch=4, hr_size=32, batch_size=2, max_steps=2, tensorboard=False, device="cpu")
-    assert train_superres(cfg)["steps"] == 2  # 20x24 images are enlarged to fit 32x32 crops
-    with pytest.raises(ConfigError, match="no images"):
+    assert train_superres(cfg).step == 2  # 20x24 images are enlarged to fit 32x32 crops
+    with pytest.raises(ConfigError, match="no usable sample"):
         train_superres(cfg.replace(data=str(tmp_path / "run" / "final")))
 
 
@@ -327,4 +327,4 @@ def test_trainer_with_a_holst_vqgan_directory(tmp_path):
     cfg = SuperResTrainConfig(out_dir=str(tmp_path / "run"), vqgan=str(tmp_path / "vqgan"), scale=2, num_feat=8,
                               num_block=0, num_grow_ch=4, hr_size=4 * f, batch_size=2, max_steps=2,
                               tensorboard=False, device="cpu")
-    assert train_superres(cfg, images=images)["steps"] == 2
+    assert train_superres(cfg, images=images).step == 2

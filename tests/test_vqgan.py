@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -367,7 +368,8 @@ def test_tiny_vqgan_learns_simple_images(tmp_path):
     before = psnr(VQGAN(get_vqgan_preset("tiny", ch_mult=[1, 2, 2])).eval().decode(
         VQGAN(get_vqgan_preset("tiny", ch_mult=[1, 2, 2])).eval().encode(val)), val).mean().item()
     torch.manual_seed(0)
-    model, metrics = train_vqgan(cfg, dataset=data, val_images=val)
+    result = train_vqgan(cfg, dataset=data, val_images=val)
+    model, metrics = result.model, result.metrics
     # untrained: ~6-7 dB (grey on white); 150 steps of an f4 / 64-code model: blobs of the right colour
     # (taming-style nets learn slowly at first: ~14 dB here, ~20 dB after a few thousand steps)
     assert metrics["psnr"] > 12.5 and metrics["psnr"] > before + 5.0, (before, metrics)
@@ -378,17 +380,37 @@ def test_tiny_vqgan_learns_simple_images(tmp_path):
 
 
 def test_gumbel_training_with_gan_and_resume(tmp_path):
+    """Gumbel + GAN: SIGTERM mid-run saves and stops (no final/); --resume then equals an uninterrupted run."""
+    import os
+    import signal
+
     from holst.train.vqgan import train_vqgan
 
+    class TermAt(list):
+        fetched, at = 0, -1
+
+        def __getitem__(self, i):
+            TermAt.fetched += 1
+            if TermAt.fetched == TermAt.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return list.__getitem__(self, i)
+
     data = [{"image": im} for im in simple_images(32, seed=3)]
-    base = dict(model="tiny", model_overrides={"quantizer": "gumbel"}, out_dir=str(tmp_path / "g"), batch_size=4,
+    base = dict(model="tiny", model_overrides={"quantizer": "gumbel"}, batch_size=4, max_steps=5,
                 lr=1e-3, warmup_steps=0, disc_weight=0.5, disc_start=2, disc_ndf=8, disc_layers=2, eval_every=0,
-                log_every=2, save_every=3, tensorboard=False, image_size=32, kl_warmup_steps=4, kl_weight=1e-3)
-    train_vqgan(VQGANTrainConfig(**base, max_steps=3), dataset=data)
-    lines = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
-    model, _ = train_vqgan(VQGANTrainConfig(**base, max_steps=5), dataset=data, resume="auto")
-    lines2 = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines2) > len(lines) and '"g"' in lines2[-1] and '"d"' in lines2[-1]  # GAN active after start
+                log_every=1, save_every=0, tensorboard=False, image_size=32, kl_warmup_steps=4, kl_weight=1e-3)
+    ref = train_vqgan(VQGANTrainConfig(**base, out_dir=str(tmp_path / "ref")), dataset=data)
+    cfg = VQGANTrainConfig(**base, out_dir=str(tmp_path / "g"))
+    TermAt.at = 4 * 2 + 1  # while reading step 3's batch
+    first = train_vqgan(cfg, dataset=TermAt(data))
+    assert first.interrupted and first.step == 3 and not (tmp_path / "g" / "final").exists()
+    model = train_vqgan(cfg, dataset=data, resume="auto").model
+    a, b = ({r["step"]: r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+             if "event" not in r} for d in ("ref", "g"))
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5] and "g" in b[5] and "d" in b[5]  # GAN active after start
+    assert all(a[k]["loss"] == b[k]["loss"] for k in a), (a, b)
+    sa, sb = ref.model.state_dict(), model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert model.config.quantizer == "gumbel"
 
 
@@ -420,7 +442,7 @@ def test_decoder_only_finetune_keeps_codes(tmp_path):
                            freeze=("encoder.*", "quant_conv.*", "quantize.*"), batch_size=8, max_steps=6, lr=1e-2,
                            warmup_steps=0, eval_every=0, log_every=3, save_every=0, tensorboard=False, image_size=32,
                            restart_threshold=0.9)
-    model, _ = train_vqgan(cfg, dataset=data)
+    model = train_vqgan(cfg, dataset=data).model
     assert torch.equal(model.encode(probe), base.encode(probe))
     for name, p in model.state_dict().items():
         if name.startswith(("encoder.", "quant_conv.", "quantize.")):

@@ -5,7 +5,15 @@ Every dataset yields dicts ``{"image": (3, size, size) float in [0, 1], "caption
 skipped and counted in ``dataset.report`` (a :class:`DataReport`) with a warning naming the file.
 
 Map-style datasets (folder, table) cannot drop an index, so a bad item is replaced by the next good
-one (index + 1, wrapping) and counted; :class:`WebDatasetShards` simply skips it.
+one (index + 1, wrapping) and counted; :class:`WebDatasetShards` simply skips it. Trainers call
+:meth:`ImageCaptionDataset.scan` first: every image is decoded once, the bad ones are dropped
+(counted once per image, by reason), and the decoded images are kept in memory when they fit.
+
+Captions: an image with no caption at all (no caption file, no caption column) is skipped as
+``no_caption`` unless ``require_captions=False`` (image-only stages: VQGAN, super-resolution). A
+caption that exists but is empty is a caption: the sample is kept with ``""`` (for the transformer
+an unconditional sample, as ``empty_caption_prob`` makes) and counted in ``report.converted``
+as ``empty_caption``.
 """
 
 from __future__ import annotations
@@ -55,7 +63,10 @@ def _item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(unit_hash(seed, epoch, index) * 2**62))
 
 
-class _MapDataset(Dataset):
+DEFAULT_CACHE_BYTES = 1 << 30  # decoded uint8 images a scanned dataset keeps in memory
+
+
+class ImageCaptionDataset(Dataset):
     """Shared logic of the folder and table datasets: records of (path, {lang: caption}, key)."""
 
     def __init__(self, records: list[tuple[Path, dict[str, str], str]], *, size: int, crop: str,
@@ -63,12 +74,50 @@ class _MapDataset(Dataset):
         _check_common(size, crop, langs)
         self.size, self.crop, self.langs, self.seed, self.max_pixels = size, crop, tuple(langs), seed, max_pixels
         # one sample per (record, language that the record has): "both languages" doubles the set
-        self.items = [(r, lang) for r in range(len(records)) for lang in self.langs if records[r][1].get(lang)]
+        self.items = [(r, lang) for r in range(len(records)) for lang in self.langs if lang in records[r][1]]
         self.records = records
         self.epoch = 0
         self.report = DataReport()
         self._seen: set[int] = set()
         self._bad: set[int] = set()
+        self._cache: dict[int, torch.Tensor] = {}  # record -> (3, size, size) uint8, filled by scan()
+        self.scanned = False
+
+    def scan(self, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> DataReport:
+        """Decode every image once: drop the bad ones and keep the decoded ones in memory if they fit.
+
+        After a scan ``len(self)`` counts only good samples, ``self.report`` holds the complete
+        count (read, kept, skipped by reason, once per image whatever the number of languages) and
+        no later access can meet a bad image. Images are cached as uint8 up to ``cache_bytes``
+        (not with ``crop='random'``, whose crop changes per epoch).
+
+        Returns:
+            The report (also ``self.report``).
+        """
+        report = DataReport().merge(getattr(self, "scan_report", DataReport()))
+        if not hasattr(self, "scan_report"):
+            report.read = report.kept = len(self.records)
+        budget = cache_bytes if self.crop != "random" else 0
+        bad: set[int] = set()
+        used = set(r for r, _ in self.items)
+        for r, (path, _, _) in enumerate(self.records):
+            if r not in used:
+                continue
+            try:
+                image = decode_image(path, max_pixels=self.max_pixels, report=report, key=str(path))
+            except BadSample as e:
+                bad.add(r)
+                report.kept -= 1
+                report.skip(e.reason, str(path))
+                log.warning("skipping bad sample: %s", e)
+                continue
+            if budget >= 3 * self.size * self.size:
+                budget -= 3 * self.size * self.size
+                self._cache[r] = (image_to_tensor(resize_crop(image, self.size, self.crop)) * 255).round().byte()
+        self.items = [(r, lang) for r, lang in self.items if r not in bad]
+        self.report, self.scanned = report, True
+        self._seen = set(range(len(self.items)))  # counted above: __getitem__ must not count again
+        return report
 
     def set_epoch(self, epoch: int) -> None:
         """Change the random crops (``crop='random'``) deterministically per epoch."""
@@ -81,7 +130,10 @@ class _MapDataset(Dataset):
         """The sample at ``index``; raises BadSample for a bad image (``__getitem__`` skips it)."""
         r, lang = self.items[index]
         path, captions, key = self.records[r]
-        image = decode_image(path, max_pixels=self.max_pixels, report=self.report, key=str(path))
+        if r in self._cache:
+            return {"image": self._cache[r].float().div_(255.0), "caption": captions[lang], "lang": lang, "key": key}
+        image = decode_image(path, max_pixels=self.max_pixels, report=None if self.scanned else self.report,
+                             key=str(path))
         gen = _item_generator(self.seed, self.epoch, index) if self.crop == "random" else None
         image = resize_crop(image, self.size, self.crop, generator=gen)
         return {"image": image_to_tensor(image), "caption": captions[lang], "lang": lang, "key": key}
@@ -108,26 +160,31 @@ class _MapDataset(Dataset):
         raise RuntimeError(f"no readable image found near index {index}: {self.report.summary()}")
 
 
+_MapDataset = ImageCaptionDataset  # the old private name
+
+
 # ---------------------------------------------------------------------------------------------
 # Folder of images + same-named .txt captions
 # ---------------------------------------------------------------------------------------------
 
 
-class FolderDataset(_MapDataset):
+class FolderDataset(ImageCaptionDataset):
     """Images in a folder tree, each with a caption file of the same stem.
 
     ``cat.jpg`` takes its caption for language ``ru`` from ``cat.ru.txt`` if present, else ``cat.txt``.
-    Images without any caption file are skipped (counted as ``no_caption``); caption files that are not
-    UTF-8 are counted as ``caption_not_utf8`` and reported with their path.
+    Images without any caption file are skipped (counted as ``no_caption``) unless
+    ``require_captions=False``; an empty caption file gives the caption ``""``; caption files that
+    are not UTF-8 are counted as ``caption_not_utf8`` and reported with their path.
 
     Args:
         root: folder searched recursively for images.
         size: output side; crop: 'center' | 'random' | 'pad'; langs: caption languages to yield.
         seed: seed of the random crops; max_pixels: decompression-bomb guard.
+        require_captions: False keeps images without a caption file (caption ``""``, first language).
     """
 
     def __init__(self, root: str | Path, *, size: int = 256, crop: str = "center", langs: Sequence[str] = ("ru",),
-                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, require_captions: bool = True) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
@@ -144,14 +201,17 @@ class FolderDataset(_MapDataset):
                         except BadSample:
                             bad_caption = True
                             break
-                        if text:
-                            captions[lang] = text
+                        captions[lang] = text
                         break
             if bad_caption:
                 log.warning("caption is not UTF-8: %s", path)
-            if not captions:
+            if not captions and not require_captions:
+                captions = {langs[0]: ""}
+            elif not captions:
                 scan.skip("caption_not_utf8" if bad_caption else "no_caption", str(path))
                 continue
+            elif not any(captions.values()):
+                scan.converted["empty_caption"] += 1
             scan.kept += 1
             records.append((path, captions, str(path.relative_to(root).with_suffix(""))))
         super().__init__(records, size=size, crop=crop, langs=langs, seed=seed, max_pixels=max_pixels)
@@ -233,7 +293,13 @@ def _split_matches(row_split: str | None, split: str) -> bool:
     return row_split == split or (split == "test" and str(row_split).startswith("test"))
 
 
-class TableDataset(_MapDataset):
+def _row_caption(row: dict, lang: str) -> str | None:
+    """The row's caption for ``lang`` (its column, else ``caption``/``text``); '' if only empty ones; None if none."""
+    cells = [row[k] for k in (lang, "caption", "text") if isinstance(row.get(k), str)]
+    return next((c for c in cells if c.strip()), cells[0] if cells else None)
+
+
+class TableDataset(ImageCaptionDataset):
     """Rows of (image path, caption[s]) from a JSONL / CSV / Parquet table, or a built dataset folder.
 
     The image column is the first of ``file, path, image, image_path, filepath``; relative paths are
@@ -244,11 +310,13 @@ class TableDataset(_MapDataset):
         source: a table file, or a folder holding ``captions.jsonl`` (what ``holst data emoji`` writes).
         split: 'train' | 'test' (all held-out) | 'test_concept' | 'test_style' | 'all'; rows without a
             ``split`` column count as train.
-        size, crop, langs, seed, max_pixels: as :class:`FolderDataset`.
+        size, crop, langs, seed, max_pixels, require_captions: as :class:`FolderDataset`; a caption
+            cell that is present but empty gives ``""``.
     """
 
     def __init__(self, source: str | Path, *, split: str = "train", size: int = 256, crop: str = "center",
-                 langs: Sequence[str] = ("ru",), seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 langs: Sequence[str] = ("ru",), seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 require_captions: bool = True) -> None:
         source = Path(source)
         if source.is_dir():
             source = source / "captions.jsonl"
@@ -272,12 +340,16 @@ class TableDataset(_MapDataset):
             path = Path(rel) if Path(rel).is_absolute() else source.parent / rel
             captions = {}
             for lang in langs:
-                text = row.get(lang) or row.get("caption") or row.get("text")
-                if isinstance(text, str) and text.strip():
+                text = _row_caption(row, lang)
+                if text is not None:
                     captions[lang] = " ".join(text.split())
-            if not captions:
+            if not captions and not require_captions:
+                captions = {langs[0]: ""}
+            elif not captions:
                 scan.skip("no_caption", str(rel))
                 continue
+            elif not any(captions.values()):
+                scan.converted["empty_caption"] += 1
             scan.kept += 1
             records.append((path, captions, str(row.get("key") or rel)))
         super().__init__(records, size=size, crop=crop, langs=langs, seed=seed, max_pixels=max_pixels)
@@ -476,6 +548,9 @@ def is_shard_source(source: str | Path) -> bool:
     return path.is_dir() and not (path / "captions.jsonl").is_file() and any(path.glob("*.tar"))
 
 
+_MAP_ONLY = ("langs", "split", "require_captions")  # options of the map-style loaders only
+
+
 def open_dataset(source: str | Path | Sequence[str | Path], **kwargs) -> Dataset:
     """Pick the loader for ``source``.
 
@@ -489,12 +564,12 @@ def open_dataset(source: str | Path | Sequence[str | Path], **kwargs) -> Dataset
         if len(source) == 1:
             return open_dataset(source[0], **kwargs)
         if all(is_shard_source(s) for s in source):
-            return WebDatasetShards(list(source), **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
+            return WebDatasetShards(list(source), **{k: v for k, v in kwargs.items() if k not in _MAP_ONLY})
         if any(is_shard_source(s) for s in source):
             raise ValueError(f"cannot mix .tar shards with other sources in one dataset: {list(source)}")
         return torch.utils.data.ConcatDataset([open_dataset(s, **kwargs) for s in source])
     if is_shard_source(source):
-        return WebDatasetShards(source, **{k: v for k, v in kwargs.items() if k not in ("langs", "split")})
+        return WebDatasetShards(source, **{k: v for k, v in kwargs.items() if k not in _MAP_ONLY})
     path = Path(source)
     if path.is_dir() and not (path / "captions.jsonl").is_file():
         return FolderDataset(path, **{k: v for k, v in kwargs.items() if k != "split"})
@@ -502,9 +577,18 @@ def open_dataset(source: str | Path | Sequence[str | Path], **kwargs) -> Dataset
 
 
 def build_dataset(config) -> Dataset:
-    """The training dataset described by a :class:`holst.config.DataConfig`."""
-    return open_dataset(list(config.sources), size=config.image_size, crop=config.crop, langs=config.langs,
-                        split=config.split, seed=config.seed, max_pixels=config.max_pixels)
+    """The training dataset described by a :class:`holst.config.DataConfig`.
+
+    Args:
+        config: sources, image size, crop, languages, split, seed, max_pixels, require_captions.
+    Returns:
+        A FolderDataset / TableDataset / WebDatasetShards, or a ConcatDataset of map-style ones.
+    """
+    kwargs = dict(size=config.image_size, crop=config.crop, langs=config.langs, split=config.split, seed=config.seed,
+                  max_pixels=config.max_pixels)
+    if not config.require_captions:
+        kwargs["require_captions"] = False
+    return open_dataset(list(config.sources), **kwargs)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -1,25 +1,31 @@
-"""Where training checkpoints live, how ``--resume`` finds them, and the shared train-command options.
+"""Training checkpoints: where they live, how they are written and read safely, RNG states, ``--resume``.
 
-Every trainer writes ``<out_dir>/checkpoint.pt`` (atomically, through ``Engine.save_checkpoint``)
-every ``save_every`` steps, at SIGTERM and at the end, and its final model to ``<out_dir>/final/``.
-``holst train <stage> --config x.yaml [--set key=value ...] [--resume [PATH]]`` is parsed by
-:func:`add_train_arguments` + :func:`load_train_config`, so all stages accept the same options.
+Every trainer writes ``<out_dir>/checkpoint.pt`` (atomically: temp file + rename) every
+``save_every`` steps, when a signal asks it to stop, and at the end; ``<out_dir>/final/`` only
+when the run completed. A checkpoint is a ``torch.save`` dict of plain state (tensors, numbers,
+strings, lists, dicts) tagged with :data:`CHECKPOINT_FORMAT` and the stage that wrote it; it is
+read with ``weights_only=True``, so a file that carries pickled code is refused, never run.
+
+The collective parts (gathering FSDP shards, DeepSpeed's own files) stay in
+:class:`holst.train.engine.Engine`; this module holds the file format and the RNG states.
 """
 
 from __future__ import annotations
 
-import argparse
+import io
+import random
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
+import torch
 
-from holst.config import ConfigBase, ConfigError
+from holst.utils.persist import CheckpointError, atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_DIR = "final"
-
-C = TypeVar("C", bound=ConfigBase)
+CHECKPOINT_FORMAT = "holst-train-checkpoint-v1"
+DEEPSPEED_MARKER = "stored in the .deepspeed checkpoint directory next to this file"
+RESUME_IF_PRESENT = "if-present"
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
@@ -32,107 +38,120 @@ def resolve_resume(out_dir: str | Path, resume: str | bool | None) -> Path | Non
 
     Args:
         out_dir: the run directory.
-        resume: None/False = fresh start; True or 'auto' = ``<out_dir>/checkpoint.pt`` if it exists
-            (else a fresh start, so the same command can be re-submitted after preemption);
-            a path = that file (must exist).
+        resume: None/False/'' = fresh start; True or 'auto' = ``<out_dir>/checkpoint.pt``, which must
+            exist; ``'if-present'`` = that file when it exists, else a fresh start (a job script
+            re-submitted after preemption); any other string = that file or run directory.
     Returns:
         The checkpoint file, or None for a fresh start.
+    Raises:
+        CheckpointError when the asked-for checkpoint does not exist.
     """
     if resume in (None, False, ""):
         return None
-    if resume is True or resume == "auto":
+    if resume is True or resume in ("auto", RESUME_IF_PRESENT):
         path = checkpoint_path(out_dir)
-        return path if path.is_file() else None
+        if path.is_file() or resume == RESUME_IF_PRESENT:
+            return path if path.is_file() else None
+        raise CheckpointError(f"--resume: no checkpoint at {path} (run without --resume to start fresh, "
+                              f"or --resume {RESUME_IF_PRESENT} to continue only when one exists)")
     path = Path(resume)
     if path.is_dir():
         path = checkpoint_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
+        raise CheckpointError(f"--resume {resume}: no checkpoint at {path}")
     return path
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--set key=value`` (repeatable), ``--resume [PATH]`` for a train command."""
-    parser.add_argument("--config", type=str, default=None, help="YAML file of option values (configs/train/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one option; VALUE is parsed as YAML (e.g. lr=1e-4, codes=[a.pt,b.pt], "
-                             "model_overrides.num_layers=4); repeatable")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="continue from <out_dir>/checkpoint.pt (or PATH) with model, optimizer, schedule, "
-                             "data position and RNG states")
+def write_checkpoint(path: str | Path, payload: dict[str, Any], *, stage: str | None = None) -> None:
+    """Atomically write ``payload`` (plain state only) as a holst training checkpoint.
 
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``['lr=1e-4', 'model_overrides.num_layers=4']`` -> ``{'lr': 1e-4, 'model_overrides': {'num_layers': 4}}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
-        target = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a mapping")
-        target[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def _coerce_numbers(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads '1e-4' as a string; turn such values into floats where the field is a float."""
-    import dataclasses
-
-    floats = {f.name for f in dataclasses.fields(cls) if str(f.type) == "float"}
-    out = dict(data)
-    for k, v in data.items():
-        if k in floats and isinstance(v, str):
-            try:
-                out[k] = float(v)
-            except ValueError:
-                raise ConfigError(f"{k}={v!r} must be a number") from None
-        elif k in floats and isinstance(v, int) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
-
-
-def load_train_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-    """Defaults <- YAML file <- ``--set`` overrides, validated by ``cls``.
-
-    Raises:
-        ConfigError naming the file or the option.
+    Args:
+        path: the file (parent directories are created).
+        payload: entries such as ``model`` (state dict), ``step``, ``data`` (loader position).
+        stage: the trainer that wrote it ('dalle', 'vqgan', ...), checked by :func:`read_checkpoint`.
     """
-    data: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must hold a mapping of option: value")
-    data = _coerce_numbers(cls, _merge(data, parse_overrides(overrides or [])))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({**payload, "__format__": CHECKPOINT_FORMAT, "__stage__": stage}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: str | Path, *, stage: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`write_checkpoint`, refusing anything else.
+
+    Args:
+        path: the file.
+        stage: when given, the checkpoint must have been written by this trainer.
+    Returns:
+        The payload without the format keys.
+    Raises:
+        CheckpointError (one line) when the file is missing, empty, truncated, corrupt, carries
+        pickled objects, is not a holst training checkpoint, or belongs to another stage.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"training checkpoint {path} is empty (0 bytes)")
     try:
-        return cls.from_dict(data)
-    except TypeError as e:  # e.g. a list where a number is expected
-        raise ConfigError(f"{cls.__name__}: {e}") from e
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled code: torch raises many types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"training checkpoint {path} cannot be read safely (corrupt, truncated or "
+                              f"holding pickled objects): {type(e).__name__}: {reason}") from None
+    if not isinstance(payload, dict) or payload.get("__format__") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a holst training checkpoint ({CHECKPOINT_FORMAT})")
+    written_by = payload.pop("__stage__", None)
+    payload.pop("__format__")
+    if stage is not None and written_by is not None and written_by != stage:
+        raise CheckpointError(f"{path} was written by `holst train {written_by}`, not `holst train {stage}`")
+    return payload
 
 
-def set_threads(num_threads: int) -> None:
-    """Set PyTorch's intra-op CPU threads; called by train entry points only (never at import)."""
-    import torch
+def load_entry(path: str | Path, key: str, load: Any, value: Any) -> None:
+    """Call ``load(value)`` (a ``load_state_dict``) and turn a mismatch into a one-line CheckpointError."""
+    try:
+        load(value)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"training checkpoint {path}: entry {key!r} does not fit this run "
+                              f"(another model or config?): {first}") from None
 
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
+
+# --------------------------------------------------------------------------------------------- RNG states
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and the CUDA device's) RNG states as checkpoint-safe values."""
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype("int64")),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import numpy as np
+
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _to_tuple(x: Any) -> Any:
+    """random.setstate wants nested tuples; checkpoints may hold lists."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_to_tuple(v) for v in x)
+    return x

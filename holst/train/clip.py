@@ -4,7 +4,10 @@ Contrastive loss (CLIP's symmetric cross-entropy; pairs with identical captions 
 of each other, since the emoji set has one caption per concept in several art styles), AdamW with
 warm-up + cosine (holst.train.optim), the shared Engine (single / DDP / precision). Image->text and
 text->image R@1 / R@5 are measured on the dataset's held-out splits (and on as many training pairs,
-to show the fit) every ``eval_every`` steps and at the end.
+to show the fit) every ``eval_every`` steps and at the end. Data comes through holst.data (bad
+images skipped and counted); an empty caption is kept as the text ''. Checkpoints, resume and
+stopping are those of every trainer (:class:`holst.train.loop.TrainRun`); ``max_minutes`` ends a
+run early as a completed one (``final/`` is written).
 
 Output (``out_dir``)::
 
@@ -28,23 +31,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from holst.config import ClipTrainConfig, ConfigError
+from holst.config import ClipTrainConfig, ConfigError, DataConfig
+from holst.data.images import DataReport
 from holst.rerank.clip import CLIPModel, clip_preset, resize_square, retrieval_recall
-from holst.train.checkpoint import (
-    FINAL_DIR,
-    add_train_arguments,
-    checkpoint_path,
-    load_train_config,
-    resolve_resume,
-    set_threads,
-)
+from holst.train.args import add_train_arguments, run_train_command
+from holst.train.data import open_samples
 from holst.train.engine import Engine
+from holst.train.loop import StateOf, TrainResult, TrainRun, refuse_unsupported, seeded
 from holst.train.optim import build_optimizer, build_scheduler
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.train.clip")
 
 TOKENIZER_DIR = "tokenizer"
+UNSUPPORTED = {"ema_decay": 0.0, "sample_every": 0}
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -71,6 +71,8 @@ class PairSet:
         """Read items of a dataset (iterable or sized+indexable) into memory at ``resolution`` px."""
         images, captions = [], []
         seen: dict[Any, int] = {}  # key -> position: one dataset item per (image, language) is one image here
+        if hasattr(items, "__len__") and hasattr(items, "__getitem__"):
+            items = map(items.__getitem__, range(len(items)))  # by index: ConcatDataset has no __iter__
         for n, item in enumerate(items):
             if limit is not None and len(images) >= limit:
                 break
@@ -114,20 +116,17 @@ def item_captions(item: dict, lang: str) -> list[str]:
         caps = item.get("captions")
         if isinstance(caps, (list, tuple)):
             out = [c for c in caps if isinstance(c, str) and c.strip()]
-    if not out and isinstance(item.get("caption"), str) and item["caption"].strip():
-        out = [item["caption"]]
+    if not out and isinstance(item.get("caption"), str):
+        out = [item["caption"].strip()]  # an empty caption stays a (text-less) caption
     return out
 
 
-def open_split(data: str, split: str, lang: str, size: int) -> Any:
-    """A split of a holst.data table / dataset directory as a dataset of {'image', 'caption', 'key'} dicts."""
-    from holst.data.loaders import TableDataset
-
-    path = Path(data)
-    if not path.exists():
+def split_data(data: str, split: str, lang: str, size: int) -> DataConfig:
+    """The DataConfig of one split of a holst.data dataset (a built folder, a table or an image folder)."""
+    if not Path(data).exists():
         raise ConfigError(f"data={data!r}: no such dataset directory or table (build one with `holst data emoji`)")
-    langs = ("ru", "en") if lang == "both" else (lang,)
-    return TableDataset(path, split=split, size=size, langs=langs)
+    return DataConfig(sources=(data,), split=split, langs=("ru", "en") if lang == "both" else (lang,),
+                      image_size=size)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -238,142 +237,138 @@ def build_model(cfg: ClipTrainConfig, vocab_size: int) -> CLIPModel:
 
 # ---------------------------------------------------------------------------------------- training
 def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any = None, tokenizer: Any = None,
-               resume: str | bool | None = None) -> dict[str, Any]:
+               resume: str | bool | None = None, engine: Engine | None = None) -> TrainResult:
     """Train a CLIP and write ``out_dir/final`` (a pipeline clip/ directory).
 
     Args:
         cfg: the options.
-        train_data, eval_data: datasets of {'image', 'caption'} dicts, a :class:`PairSet`, or None to
-            open ``cfg.data`` (split ``cfg.train_split`` / ``cfg.eval_splits``) with holst.data.
+        train_data, eval_data: datasets of {'image', 'caption'} dicts, a :class:`PairSet`, a DataConfig,
+            or None to open ``cfg.data`` (split ``cfg.train_split`` / ``cfg.eval_splits``) with holst.data.
         tokenizer: a BPETokenizer (default: ``cfg.tokenizer``, or train one on the captions).
         resume: see :func:`holst.train.checkpoint.resolve_resume`.
+        engine: an existing Engine (else one is made and closed at the end).
     Returns:
-        {'step', 'train_loss', 'heldout': {...R@k...}, 'train_fit': {...}, 'final_dir', 'seconds'}.
+        A :class:`holst.train.loop.TrainResult`; ``metrics`` = {'heldout': R@k..., 'train_fit': ...,
+        'seconds'} (empty when interrupted), also written to ``final/retrieval.json``.
     """
+    refuse_unsupported(cfg, "clip", UNSUPPORTED)
     t_start = time.perf_counter()
-    engine = Engine(cfg)
-    rng = random.Random(cfg.seed + 1000 * engine.rank)
-    g = torch.Generator().manual_seed(cfg.seed + 1000 * engine.rank)
-
     # Resolution comes from the config the model will have; read it before building the model.
     resolution = (CLIPModel.config_class.load_json(Path(cfg.init_from) / "config.json").image_resolution
                   if cfg.init_from else clip_preset(cfg.preset, **cfg.model_overrides).image_resolution)
-    train, heldout = load_pairs(cfg, resolution, train_data, eval_data)
+    (train, report), heldout = load_pairs(cfg, resolution, train_data, eval_data)
     heldout = _shuffled(heldout, cfg.seed) if heldout is not None else None
     log.info("CLIP data: %d training images, %d held-out images", len(train),
              len(heldout) if heldout is not None else 0)
-
     if tokenizer is None and cfg.init_from and (Path(cfg.init_from) / TOKENIZER_DIR).is_dir() and not cfg.tokenizer:
         cfg = cfg.replace(tokenizer=str(Path(cfg.init_from) / TOKENIZER_DIR))
     run_tokenizer = Path(cfg.out_dir) / TOKENIZER_DIR  # the run's own copy, so --resume uses the same ids
     if tokenizer is None and resume and (run_tokenizer / "bpe.model").is_file():
         cfg = cfg.replace(tokenizer=str(run_tokenizer))
     tokenizer = tokenizer if tokenizer is not None else load_or_train_tokenizer(cfg, train)
-    if engine.is_main:
-        tokenizer.save_pretrained(run_tokenizer)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, tokenizer.vocab_size)
-    if cfg.gradient_checkpointing:
-        model.set_gradient_checkpointing(True)
-    log.info("CLIP: %.2fM parameters, %s", sum(p.numel() for p in model.parameters()) / 1e6, model.config)
-    model, optimizer = engine.prepare(model, build_optimizer(model, cfg))
-    scheduler = build_scheduler(optimizer, cfg)
-    bare = engine.unwrap(model)
 
-    step = 0
-    history: list[dict[str, float]] = []
-    ckpt = resolve_resume(cfg.out_dir, resume)
-    if ckpt is not None:
-        state = engine.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, generator=g)
-        step = int(state["step"])
-        rng.setstate(_to_tuple(state["rng"]))
-        history = list(state.get("history", []))
-        log.info("resumed from %s at step %d", ckpt, step)
+    with TrainRun("clip", cfg, engine=engine) as run:
+        engine = run.engine
+        if engine.is_main:
+            tokenizer.save_pretrained(run_tokenizer)
+        rng = random.Random(cfg.seed + 1000 * engine.rank)
+        g = torch.Generator().manual_seed(cfg.seed + 1000 * engine.rank)
+        model = seeded(cfg.seed, lambda: build_model(cfg, tokenizer.vocab_size))
+        if cfg.gradient_checkpointing:
+            model.set_gradient_checkpointing(True)
+        log.info("CLIP: %.2fM parameters, %s", sum(p.numel() for p in model.parameters()) / 1e6, model.config)
+        model, optimizer = engine.prepare(model, build_optimizer(model, cfg))
+        scheduler = build_scheduler(optimizer, cfg)
+        bare = engine.unwrap(model)
+        history: list[dict[str, float]] = []
+        run.track(model=model, optimizer=optimizer, scheduler=scheduler, generator=g,
+                  rng=StateOf(rng.getstate, lambda s: rng.setstate(_to_tuple(s))),
+                  history=StateOf(lambda: history, history.extend))
+        run.start(resume)
 
-    L = bare.config.context_length
-    max_scale = math.log(cfg.logit_scale_max)
-    loss_value, last_loss = float("nan"), None
-    t0 = time.perf_counter()
-    model.train()
-    while step < cfg.max_steps:
-        for _ in range(cfg.grad_accum):
-            index = torch.randint(len(train), (cfg.batch_size,), generator=g)
-            images, texts = train.batch(index, rng)
-            ids = encode(tokenizer, texts, L, dropout=cfg.bpe_dropout, generator=g)
-            with engine.autocast():
-                logits = model(images.to(engine.device), ids.to(engine.device))
-            loss = multi_positive_loss(logits, caption_groups(texts).to(engine.device))
-            applied = engine.step(loss, optimizer, scheduler, model=model)
-            last_loss = loss.detach()
-        if applied:
-            with torch.no_grad():
-                bare.logit_scale.clamp_(0, max_scale)  # CLIP's clip at 100
-        step += 1
-        timed_out = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
-        if engine.distributed:  # every rank must take the same branch (checkpointing is collective)
-            timed_out = engine.all_reduce_mean(torch.tensor(float(timed_out))).item() > 0
-        stop = engine.should_stop() or timed_out
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_value = engine.all_reduce_mean(last_loss).item()
-            engine.log(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                              "logit_scale": bare.logit_scale.exp().item()}, total=cfg.max_steps)
-        if cfg.eval_every and step % cfg.eval_every == 0 and heldout is not None and engine.is_main:
-            r = evaluate_retrieval(bare, tokenizer, heldout, max_images=cfg.eval_max_images)
-            history.append({"step": step, **r})
-            engine.log(step, {f"heldout_{k}": v for k, v in r.items() if "@" in k})
-        if cfg.save_every and step % cfg.save_every == 0 or stop:
-            engine.save_checkpoint(checkpoint_path(cfg.out_dir), model=model, optimizer=optimizer,
-                                   scheduler=scheduler, generator=g, step=step, rng=rng.getstate(),
-                                   history=history)
-        if stop:
-            log.info("stopping at step %d (%s)", step, "signal" if engine.should_stop() else "max_minutes")
-            break
-    loss_value = last_loss.item() if last_loss is not None else loss_value
+        L = bare.config.context_length
+        max_scale = math.log(cfg.logit_scale_max)
+        last_loss = None
+        t0 = time.perf_counter()
+        model.train()
+        for step in run.steps():
+            for _ in range(cfg.grad_accum):
+                index = torch.randint(len(train), (cfg.batch_size,), generator=g)
+                images, texts = train.batch(index, rng)
+                ids = encode(tokenizer, texts, L, dropout=cfg.bpe_dropout, generator=g)
+                with engine.autocast():
+                    logits = model(images.to(engine.device), ids.to(engine.device))
+                loss = multi_positive_loss(logits, caption_groups(texts).to(engine.device))
+                applied = engine.step(loss, optimizer, scheduler, model=model)
+                last_loss = loss.detach()
+            if applied:
+                with torch.no_grad():
+                    bare.logit_scale.clamp_(0, max_scale)  # CLIP's clip at 100
+            timed_out = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
+            if engine.distributed:  # every rank must take the same branch (checkpointing is collective)
+                timed_out = engine.all_reduce_mean(torch.tensor(float(timed_out))).item() > 0
+            if timed_out:
+                log.info("max_minutes=%s reached at step %d: finishing", cfg.max_minutes, step)
+                run.stop_early = True
+            if run.should_log(step) or timed_out:
+                engine.log(step, {"loss": engine.all_reduce_mean(last_loss), "lr": scheduler.get_last_lr()[0],
+                                  "logit_scale": bare.logit_scale.exp().item()}, total=cfg.max_steps)
+            if cfg.eval_every and step % cfg.eval_every == 0 and heldout is not None and engine.is_main:
+                r = evaluate_retrieval(bare, tokenizer, heldout, max_images=cfg.eval_max_images)
+                history.append({"step": step, **r})
+                engine.log(step, {f"heldout_{k}": v for k, v in r.items() if "@" in k})
 
-    final = Path(cfg.out_dir) / FINAL_DIR
-    engine.save_pretrained(model, final)
-    result: dict[str, Any] = {"step": step, "train_loss": loss_value, "final_dir": str(final)}
-    signalled = engine.should_stop()  # preempted: save and leave quickly, no evaluation
-    if engine.is_main:
-        tokenizer.save_pretrained(final / TOKENIZER_DIR)
-    if engine.is_main and not signalled:
-        n_eval = cfg.eval_max_images
-        if heldout is not None:
-            result["heldout"] = evaluate_retrieval(bare, tokenizer, heldout, max_images=n_eval)
-        n_fit = min(len(train), len(heldout) if heldout is not None else len(train), n_eval or len(train))
-        result["train_fit"] = evaluate_retrieval(bare, tokenizer, _shuffled(train, cfg.seed), max_images=n_fit)
-        result["seconds"] = round(time.perf_counter() - t_start, 1)
-        result["history"] = history
-        result["config"] = cfg.to_dict()
-        (final / "retrieval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-                                              encoding="utf-8")
-        log.info("held-out retrieval: %s", result.get("heldout"))
-        log.info("training-pair retrieval: %s", result["train_fit"])
-    engine.barrier()
-    engine.close()
-    return result
+        metrics: dict[str, Any] = {}
+        if engine.is_main and not run.interrupted:
+            n_eval = cfg.eval_max_images
+            if heldout is not None:
+                metrics["heldout"] = evaluate_retrieval(bare, tokenizer, heldout, max_images=n_eval)
+            n_fit = min(len(train), len(heldout) if heldout is not None else len(train), n_eval or len(train))
+            metrics["train_fit"] = evaluate_retrieval(bare, tokenizer, _shuffled(train, cfg.seed), max_images=n_fit)
+            metrics["seconds"] = round(time.perf_counter() - t_start, 1)
+            log.info("held-out retrieval: %s", metrics.get("heldout"))
+            log.info("training-pair retrieval: %s", metrics["train_fit"])
+
+        def save_final(final: Path) -> None:
+            engine.save_pretrained(model, final)
+            if engine.is_main:
+                tokenizer.save_pretrained(final / TOKENIZER_DIR)
+                summary = {"step": run.step, "train_loss": None if last_loss is None else float(last_loss),
+                           **metrics, "history": history, "config": cfg.to_dict()}
+                (final / "retrieval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+
+        return run.finish(model, data=report.to_dict(), last_loss=last_loss, metrics=metrics, save_final=save_final)
 
 
 def load_pairs(cfg: ClipTrainConfig, resolution: int, train_data: Any = None, eval_data: Any = None
-               ) -> tuple[PairSet, PairSet | None]:
-    """Training and held-out pairs: the given datasets, or ``cfg.data``'s train / eval splits."""
+               ) -> tuple[tuple[PairSet, DataReport], PairSet | None]:
+    """(training pairs, their data report) and held-out pairs: the given data, or ``cfg.data``'s splits."""
     lang = cfg.caption_lang
-    if train_data is not None:
-        train = _as_pairs(train_data, resolution, lang)
-        return train, (_as_pairs(eval_data, resolution, lang) if eval_data is not None else None)
-    train = _as_pairs(open_split(cfg.data, cfg.train_split, lang, resolution), resolution, lang)
+    train = _as_pairs(train_data if train_data is not None else
+                      split_data(cfg.data, cfg.train_split, lang, resolution), resolution, lang)
     if eval_data is not None:
-        return train, _as_pairs(eval_data, resolution, lang)
-    datasets = [open_split(cfg.data, s, lang, resolution) for s in cfg.eval_splits]
-    parts = [_as_pairs(d, resolution, lang) for d in datasets if len(d)]
+        return train, _as_pairs(eval_data, resolution, lang)[0]
+    if train_data is not None:
+        return train, None
+    parts = [p for p, _ in (_as_pairs(split_data(cfg.data, s, lang, resolution), resolution, lang, empty_ok=True)
+                            for s in cfg.eval_splits) if p is not None]
     if not parts:
         return train, None
     return train, PairSet(torch.cat([p.images for p in parts]), [c for p in parts for c in p.captions])
 
 
-def _as_pairs(data: Any, resolution: int, lang: str) -> PairSet:
-    return data if isinstance(data, PairSet) else PairSet.from_items(data, resolution, lang)
+def _as_pairs(data: Any, resolution: int, lang: str, empty_ok: bool = False) -> tuple[PairSet | None, DataReport]:
+    """Data (a PairSet, DataConfig or dataset) -> in-memory pairs and the data report."""
+    if isinstance(data, PairSet):
+        return data, DataReport(read=len(data), kept=len(data))
+    try:
+        dataset, report = open_samples(data, cache_bytes=0)  # PairSet keeps its own uint8 copy
+    except ConfigError:
+        if empty_ok:
+            return None, DataReport()
+        raise
+    return PairSet.from_items(dataset, resolution, lang), report
 
 
 def _shuffled(pairs: PairSet, seed: int) -> PairSet:
@@ -388,14 +383,10 @@ def _to_tuple(x: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``holst train clip`` options."""
     add_train_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_train_config(ClipTrainConfig, args.config, args.overrides)
-    set_threads(cfg.num_threads)
-    result = train_clip(cfg, resume=args.resume)
-    summary = {k: result[k] for k in ("step", "train_loss", "final_dir", "seconds", "heldout", "train_fit")
-               if k in result}
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    return 0
+    """Entry point of ``holst train clip`` (also under torchrun)."""
+    return run_train_command("clip", ClipTrainConfig, train_clip, args)

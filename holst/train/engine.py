@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
 import json
 import math
 import os
@@ -51,13 +50,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from holst.utils.persist import CheckpointError, atomic_write_bytes
+from holst.train.checkpoint import (
+    DEEPSPEED_MARKER,
+    load_entry,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from holst.utils.persist import CheckpointError
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.train")
-
-CHECKPOINT_FORMAT = "holst-train-checkpoint-v1"
-DEEPSPEED_MARKER = "stored in the .deepspeed checkpoint directory next to this file"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -464,33 +468,9 @@ class Engine:
             return
         optimizer.load_state_dict(state)
 
-    def _rng_state(self) -> dict[str, Any]:
-        import numpy as np
-
-        np_state = np.random.get_state()
-        state = {
-            "python": random.getstate(),
-            "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype("int64")),
-                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-            "torch": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        import numpy as np
-
-        random.setstate(_to_tuple(state["python"]))
-        n = state["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-
     def engine_state(self) -> dict[str, Any]:
         """Counters, loss scaler and the RNG states of every rank (collective when distributed)."""
-        rng = self._rng_state()
+        rng = rng_state(self.device)
         if self.distributed:
             all_rng: list[Any] = [None] * self.world_size
             dist.all_gather_object(all_rng, rng)
@@ -515,13 +495,13 @@ class Engine:
             self.scaler.load_state_dict(state["scaler"])
         rngs = state.get("rng") or []
         if len(rngs) == self.world_size:
-            self._set_rng_state(rngs[self.rank])
+            set_rng_state(rngs[self.rank], self.device)
         elif rngs:
             log.warning("checkpoint was written by %d processes, now %d: RNG states are not restored exactly",
                         len(rngs), self.world_size)
-            self._set_rng_state(rngs[0])
+            set_rng_state(rngs[0], self.device)
 
-    def save_checkpoint(self, path: str | Path, **state: Any) -> None:
+    def save_checkpoint(self, path: str | Path, *, stage: str | None = None, **state: Any) -> None:
         """Atomically write a training checkpoint (temp file + rename) from rank 0. Collective.
 
         Values that are an ``nn.Module``, an optimizer or an object with ``state_dict()`` (scheduler,
@@ -531,6 +511,7 @@ class Engine:
 
         Args:
             path: the checkpoint file (parent directories are created).
+            stage: the trainer writing it ('dalle', 'vqgan', ...); :meth:`load_checkpoint` checks it.
             state: e.g. ``model=model, optimizer=optimizer, scheduler=scheduler, step=step, data=pos``.
         """
         path = Path(path)
@@ -545,12 +526,8 @@ class Engine:
         for key, value in state.items():
             payload[key] = self._to_state(value, model)
         payload["__engine__"] = self.engine_state()
-        payload["__format__"] = CHECKPOINT_FORMAT
         if self.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            atomic_write_bytes(path, buffer.getvalue())
+            write_checkpoint(path, payload, stage=stage)
         self.barrier()
 
     def _is_deepspeed_object(self, value: Any) -> bool:
@@ -570,29 +547,27 @@ class Engine:
             return value.state_dict()
         return value
 
-    def load_checkpoint(self, path: str | Path, **targets: Any) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | Path, *, stage: str | None = None, **targets: Any) -> dict[str, Any]:
         """Read a checkpoint written by :meth:`save_checkpoint`; restores the engine state.
 
         Args:
             path: the checkpoint file.
+            stage: when given, the checkpoint must have been written by this trainer.
             targets: objects to load saved entries into, by the same keys as at save time, e.g.
                 ``model=model, optimizer=optimizer, scheduler=scheduler, generator=g``.
         Returns:
             The dict given to ``save_checkpoint`` (values as state dicts), without engine keys.
         Raises:
-            CheckpointError when the file is missing, corrupt or not a holst training checkpoint.
+            CheckpointError (one line) when the file is missing, corrupt, foreign (another stage or
+            model), or lacks an entry of ``targets``.
         """
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"training checkpoint {path} does not exist")
-        try:
-            payload = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"training checkpoint {path} cannot be read safely: {type(e).__name__}: {e}") from e
-        if not isinstance(payload, dict) or payload.get("__format__") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not a holst training checkpoint ({CHECKPOINT_FORMAT})")
-        self.load_engine_state(payload.pop("__engine__"))
-        payload.pop("__format__")
+        payload = read_checkpoint(path, stage=stage)
+        missing = sorted(k for k, t in targets.items() if t is not None and k not in payload)
+        if missing or "__engine__" not in payload:
+            raise CheckpointError(f"training checkpoint {path} has no entry {(missing or ['__engine__'])[0]!r}; "
+                                  f"it has {sorted(payload)}")
+        load_entry(path, "__engine__", self.load_engine_state, payload.pop("__engine__"))
         model = targets.get("model")
         if self.backend == "deepspeed" and any(self._is_deepspeed_object(t) for t in targets.values()):
             ds_dir = path.with_name(path.name + ".deepspeed")
@@ -602,17 +577,15 @@ class Engine:
         for key, target in targets.items():
             if target is None:
                 continue
-            if key not in payload:
-                raise CheckpointError(f"training checkpoint {path} has no entry {key!r}; it has {sorted(payload)}")
             value = payload[key]
             if isinstance(target, nn.Module):
-                self.load_model_state_dict(target, value)
+                load_entry(path, key, lambda v, t=target: self.load_model_state_dict(t, v), value)
             elif isinstance(target, torch.optim.Optimizer):
-                self._load_optimizer_state(target, value, model)
+                load_entry(path, key, lambda v, t=target: self._load_optimizer_state(t, v, model), value)
             elif isinstance(target, torch.Generator):
-                target.set_state(value)
+                load_entry(path, key, target.set_state, value)
             elif hasattr(target, "load_state_dict"):
-                target.load_state_dict(value)
+                load_entry(path, key, target.load_state_dict, value)
             else:
                 raise TypeError(f"cannot load checkpoint entry {key!r} into {type(target).__name__}")
         return payload
@@ -733,13 +706,6 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _to_tuple(x: Any) -> Any:
-    """random.setstate wants nested tuples; checkpoints may hold lists."""
-    if isinstance(x, (list, tuple)):
-        return tuple(_to_tuple(v) for v in x)
-    return x
 
 
 def iterate_forever(loader: Any) -> Iterator[Any]:

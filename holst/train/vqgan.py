@@ -6,10 +6,13 @@ then a hinge loss for the PatchGAN discriminator ``D`` (from ``disc_start``). Th
 anneals its temperature (cosine) and ramps its KL weight in; nearest-neighbour quantizers restart
 dead codes. Held-out PSNR / SSIM / codebook usage and a reconstruction grid are written every
 ``eval_every`` steps; the final model goes to ``<out_dir>/final`` (``VQGAN.from_pretrained``).
+One step = ``grad_accum`` micro-batches, as the schedules count. Model and discriminator
+initialisations are seeded by ``seed``; checkpoints, resume and stopping are those of every trainer
+(:class:`holst.train.loop.TrainRun`).
 
-Python: ``train_vqgan(cfg, dataset=..., val_images=...)`` takes any torch Dataset / iterable of
+Python: ``train_vqgan(cfg, dataset=..., val_images=...)`` takes any dataset of
 ``{"image": (3, H, W) float [0, 1]}`` (or bare tensors); ``holst train vqgan --config ...`` reads
-the ``data`` folder.
+the ``data`` folder through holst.data (bad images skipped and counted).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import argparse
 import fnmatch
 import json
 import math
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from holst.config import VQGANConfig, VQGANTrainConfig
-from holst.train.checkpoint import (
-    FINAL_DIR,
-    add_train_arguments,
-    checkpoint_path,
-    load_train_config,
-    resolve_resume,
-    set_threads,
-)
+from holst.config import ConfigError, DataConfig, VQGANConfig, VQGANTrainConfig
+from holst.train.args import add_train_arguments, run_train_command
+from holst.train.data import SampleBatches, open_samples, stack_images
 from holst.train.engine import Engine
+from holst.train.loop import TrainResult, TrainRun, refuse_unsupported, seeded
 from holst.train.lora import freeze_parameters
 from holst.train.optim import build_optimizer, build_scheduler
 from holst.utils.images import make_grid, save_png, tensor_to_pil
@@ -52,7 +49,7 @@ from holst.vqgan.metrics import codebook_usage, evaluate_reconstruction
 
 log = get_logger("holst.train.vqgan")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+UNSUPPORTED = {"ema_decay": 0.0, "sample_every": 0, "gradient_checkpointing": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,123 +57,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # ---------------------------------------------------------------------------------------------
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files -> ``{"image": (3, size, size) float [0, 1]}`` (resized with a centre crop)."""
-
-    def __init__(self, files: list[Path], size: int):
-        self.files, self.size = files, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from PIL import Image, ImageOps
-
-        from holst.utils.images import pil_to_tensor, to_rgb
-
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = to_rgb(im)
-        except Exception as e:  # PIL raises many types for broken files
-            raise ValueError(f"cannot read image {path}: {e}") from e
-        if image.size != (self.size, self.size):
-            image = ImageOps.fit(image, (self.size, self.size), Image.Resampling.LANCZOS)
-        return {"image": pil_to_tensor(image)}
+def data_configs(cfg: VQGANTrainConfig) -> tuple[DataConfig, DataConfig | None]:
+    """(train, held-out) DataConfigs of ``cfg.data``: a built dataset folder's train / test splits,
+    or any image folder (then ``num_val`` seeded images are held out by :func:`split_off`)."""
+    if not cfg.data:
+        raise ConfigError("no training data: set data=<folder> in the config or pass dataset=")
+    common = dict(sources=(cfg.data,), image_size=cfg.image_size, seed=cfg.seed, langs=("ru",),
+                  require_captions=False)
+    built = (Path(cfg.data) / "captions.jsonl").is_file()
+    return DataConfig(**common), (DataConfig(**common, split="test") if built and cfg.num_val else None)
 
 
-def folder_datasets(root: str | Path, size: int, num_val: int, seed: int) -> tuple[ImageFiles, ImageFiles]:
-    """(train, held-out) datasets from a holst dataset folder or any folder of images.
-
-    A folder with ``captions.jsonl`` (the holst.data layout): rows with ``split == 'train'`` train and
-    the other splits are held out (``num_val`` of them, evenly spaced). Otherwise every image under
-    ``root`` is used and a seeded ``num_val`` of them are held out.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data={str(root)!r} is not a folder of images")
-    index = root / "captions.jsonl"
-    if index.is_file():
-        train, held = [], []
-        for n, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                path = root / row["file"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}:{n}: expected a JSON object with a 'file' field ({e})") from e
-            (train if row.get("split", "train") == "train" else held).append(path)
-        if num_val and held:
-            step = max(1, len(held) // num_val)
-            held = held[::step][:num_val]
-        elif num_val:
-            train, held = _split_off(train, num_val, seed)
-    else:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        train, held = _split_off(files, num_val, seed)
-    if not train:
-        raise ValueError(f"data={str(root)!r}: no training images found")
-    return ImageFiles(train, size), ImageFiles(held, size)
+def split_off(dataset: Any, n: int, seed: int) -> tuple[Any, Any]:
+    """(train, held-out) subsets: a seeded ``n`` samples (at most a tenth) held out."""
+    n = min(n, len(dataset) // 10) if len(dataset) > 1 else 0
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.utils.data.Subset(dataset, sorted(perm[n:])), torch.utils.data.Subset(dataset, sorted(perm[:n]))
 
 
-def _split_off(files: list[Path], n: int, seed: int) -> tuple[list[Path], list[Path]]:
-    n = min(n, len(files) // 10) if len(files) > 1 else 0
-    perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = sorted(perm[:n])
-    keep = sorted(perm[n:])
-    return [files[i] for i in keep], [files[i] for i in held]
-
-
-def _image_of(item: Any) -> torch.Tensor:
-    image = item["image"] if isinstance(item, dict) else item
-    if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"dataset items must be (3, H, W) tensors or {{'image': (3, H, W)}}; got {type(image)}")
-    return image.float()
-
-
-def stack_images(dataset: Iterable[Any], limit: int | None = None) -> torch.Tensor:
-    """Materialise images of a dataset as (N, 3, H, W) float."""
-    images = []
-    for item in dataset:
-        images.append(_image_of(item))
-        if limit is not None and len(images) >= limit:
-            break
-    if not images:
-        raise ValueError("the dataset is empty")
-    return torch.stack(images)
-
-
-def _batches(dataset: Any, cfg: VQGANTrainConfig, rank: int, world: int, start_step: int) -> Iterator[torch.Tensor]:
-    """Endless (B, 3, H, W) batches. Small map-style sets are cached in memory as uint8."""
-    b = cfg.batch_size
-    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and cfg.cache_images:
-        n = len(dataset)
-        log.info("caching %d training images in memory", n)
-        cache = (stack_images(dataset[i] for i in range(n)).clamp(0, 1) * 255).round().to(torch.uint8)
-        per_epoch = max(1, n // (b * world))
-        epoch, pos = divmod(start_step, per_epoch)
-        while True:
-            # Same permutation on every rank (seeded by epoch); each rank takes its own slice.
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            for i in range(pos, per_epoch):
-                idx = perm[(i * world + rank) * b:(i * world + rank + 1) * b]
-                yield cache[idx].float().div_(255)
-            epoch, pos = epoch + 1, 0
-    sized = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-    sampler = None
-    if sized and world > 1:  # each rank reads its own share of every epoch
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=b, shuffle=sized and sampler is None, sampler=sampler,
-                                         drop_last=True, num_workers=cfg.num_workers, collate_fn=stack_images)
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def held_out_images(dataset: Any, num_val: int) -> torch.Tensor | None:
+    """(n, 3, H, W) of ``num_val`` evenly spaced held-out samples, or None."""
+    if dataset is None or not len(dataset) or not num_val:
+        return None
+    step = max(1, len(dataset) // num_val)
+    return stack_images([dataset[i] for i in range(0, len(dataset), step)][:num_val])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,11 +109,11 @@ def kl_weight_at(step: int, cfg: VQGANTrainConfig, model_config: VQGANConfig) ->
 
 
 def build_model(cfg: VQGANTrainConfig) -> VQGAN:
-    """The model to train: ``init_from`` (a VQGAN directory) or a fresh preset + overrides."""
+    """The model to train: ``init_from`` (a VQGAN directory, fp32) or a fresh preset + overrides seeded by ``seed``."""
     if cfg.init_from:
-        return VQGAN.from_pretrained(cfg.init_from).train()
+        return VQGAN.from_pretrained(cfg.init_from, dtype=torch.float32).train()
     config = get_vqgan_preset(cfg.model, **cfg.model_overrides)
-    return VQGAN(config)
+    return seeded(cfg.seed, lambda: VQGAN(config))
 
 
 def freeze_for_finetune(model: VQGAN, patterns: tuple[str, ...] | list[str]) -> list[nn.Module]:
@@ -236,37 +140,44 @@ def set_train_mode(model: nn.Module, frozen_modules: list[nn.Module]) -> None:
 
 
 def train_vqgan(cfg: VQGANTrainConfig, *, dataset: Any = None, val_images: torch.Tensor | None = None,
-                resume: str | bool | None = None) -> tuple[VQGAN, dict[str, float]]:
+                resume: str | bool | None = None, engine: Engine | None = None) -> TrainResult:
     """Train a VQGAN.
 
     Args:
         cfg: the options (see :class:`holst.config.VQGANTrainConfig`).
-        dataset: training data, a Dataset / iterable of ``{"image": (3, H, W) [0, 1]}`` or tensors;
-            None = read ``cfg.data``.
+        dataset: training data: a DataConfig or a dataset of ``{"image": (3, H, W) [0, 1]}`` / tensors;
+            None = ``cfg.data`` through holst.data.
         val_images: held-out (N, 3, H, W) in [0, 1]; None = from ``cfg.data`` (or none).
-        resume: None, 'auto'/True (``<out_dir>/checkpoint.pt`` if present) or a checkpoint path.
+        resume: see :func:`holst.train.checkpoint.resolve_resume`.
+        engine: an existing Engine (else one is made and closed at the end).
     Returns:
-        (the trained bare model in eval mode, the final held-out metrics; empty without held-out data).
+        A :class:`holst.train.loop.TrainResult`; ``metrics`` holds the last held-out PSNR / SSIM /
+        codebook usage (empty without held-out data), ``model`` the trained VQGAN in eval mode.
     """
+    refuse_unsupported(cfg, "vqgan", UNSUPPORTED)
+    cache = None if cfg.cache_images else 0
+    held = None
     if dataset is None:
-        if not cfg.data:
-            raise ValueError("no training data: set data=<folder> in the config or pass dataset=")
-        dataset, val_set = folder_datasets(cfg.data, cfg.image_size, cfg.num_val, cfg.seed)
-        if val_images is None and len(val_set):
-            val_images = stack_images(val_set)
-    engine = Engine(cfg)
-    try:
-        return _train(cfg, engine, dataset, val_images, resume)
-    finally:
-        engine.close()
+        train_cfg, held_cfg = data_configs(cfg)
+        dataset, report = open_samples(train_cfg, cache_bytes=cache)
+        if held_cfg is not None:
+            held, _ = open_samples(held_cfg, cache_bytes=cache)
+        elif cfg.num_val:
+            dataset, held = split_off(dataset, cfg.num_val, cfg.seed)
+    else:
+        dataset, report = open_samples(dataset, cache_bytes=cache)
+    if val_images is None:
+        val_images = held_out_images(held, cfg.num_val)
+    with TrainRun("vqgan", cfg, engine=engine) as run:
+        return _train(run, cfg, dataset, report.to_dict(), val_images, resume)
 
 
-def _train(cfg: VQGANTrainConfig, engine: Engine, dataset: Any, val_images: torch.Tensor | None,
-           resume: str | bool | None) -> tuple[VQGAN, dict[str, float]]:
-    device = engine.device
+def _train(run: TrainRun, cfg: VQGANTrainConfig, dataset: Any, report: dict, val_images: torch.Tensor | None,
+           resume: str | bool | None) -> TrainResult:
+    engine, device = run.engine, run.engine.device
     bare = build_model(cfg)
     mcfg = bare.config
-    log.info("VQGAN %s: %.2fM parameters, f%d, %d codes (%s quantizer)", cfg.model,
+    log.info("VQGAN %s: %.2fM parameters, f%d, %d codes (%s quantizer)", cfg.init_from or cfg.model,
              sum(p.numel() for p in bare.parameters()) / 1e6, bare.downsample_factor, mcfg.n_embed, mcfg.quantizer)
     frozen_modules = freeze_for_finetune(bare, cfg.freeze)
     model, optimizer = engine.prepare(bare, build_optimizer(bare, cfg))
@@ -274,83 +185,76 @@ def _train(cfg: VQGANTrainConfig, engine: Engine, dataset: Any, val_images: torc
     use_gan = cfg.disc_weight > 0
     disc = opt_d = None
     if use_gan:
-        disc_bare = PatchDiscriminator(3, cfg.disc_ndf, cfg.disc_layers)
+        disc_bare = seeded(cfg.seed + 1, lambda: PatchDiscriminator(3, cfg.disc_ndf, cfg.disc_layers))
         opt_d_bare = torch.optim.Adam(disc_bare.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas))
         disc, opt_d = engine.prepare(disc_bare, opt_d_bare)
     perceptual = PerceptualLoss(load_efficientnet_lite0()).to(device) if cfg.perceptual_weight > 0 else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * engine.rank)
-
-    start = 0
-    ckpt = resolve_resume(cfg.out_dir, resume)
-    if ckpt is not None:
-        state = engine.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                       disc=disc, opt_d=opt_d, generator=generator)
-        start = int(state["step"])
-        log.info("resumed from %s at step %d", ckpt, start)
+    batches = SampleBatches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, rank=engine.rank,
+                            world_size=engine.world_size, num_workers=cfg.num_workers)
+    run.track(model=model, optimizer=optimizer, scheduler=scheduler, disc=disc, opt_d=opt_d, generator=generator,
+              data=batches)
+    run.start(resume)
 
     bare = engine.unwrap(model)
-    out_dir = Path(cfg.out_dir)
     scale = bare.output_factor // bare.downsample_factor  # 2 for the DWT decoder: targets at twice the size
-    batches = _batches(dataset, cfg, engine.rank, engine.world_size, start)
     metrics: dict[str, float] = {}
     recent_codes: list[torch.Tensor] = []
+    loss = None
     set_train_mode(model, frozen_modules)
-    for step in range(start, cfg.max_steps):
-        target = next(batches).to(device, non_blocking=True)
-        if cfg.hflip:
-            flip = torch.rand(target.shape[0], generator=generator, device=device) < 0.5
-            target = torch.where(flip[:, None, None, None], target.flip(-1), target)
-        images = F.avg_pool2d(target, scale) if scale > 1 else target
-        temperature = gumbel_temperature(step, cfg)
+    for step in run.steps():
+        done = step - 1  # steps finished before this one: the schedules' position
+        temperature = gumbel_temperature(done, cfg)
         if mcfg.quantizer == "gumbel":
-            bare.quantize.kl_weight = kl_weight_at(step, cfg, mcfg)
-        gan_on = use_gan and step >= cfg.disc_start
-        with engine.autocast():
-            recon, q_loss, codes = model(images, temperature=temperature, hard=cfg.gumbel_hard,
-                                         restart_threshold=cfg.restart_threshold, generator=generator)
-            recon = recon.float()
-            x = target * 2 - 1
-            rec = recon.new_zeros(())
-            if cfg.l1_weight:
-                rec = rec + cfg.l1_weight * (recon - x).abs().mean()
-            if cfg.l2_weight:
-                rec = rec + cfg.l2_weight * (recon - x).pow(2).mean()
-            logs = {"rec": rec.detach(), "q": q_loss.detach()}
-            if perceptual is not None:
-                p_loss = perceptual((recon.clamp(-1, 1) + 1) / 2, target)
-                rec = rec + cfg.perceptual_weight * p_loss
-                logs["perc"] = p_loss.detach()
-            loss = rec + q_loss
-            if gan_on:
-                g_loss = -disc(recon).mean()
-                d_weight = adaptive_gan_weight(rec, g_loss, bare.last_layer) * cfg.disc_weight
-                loss = loss + d_weight * g_loss
-                logs.update(g=g_loss.detach(), d_w=d_weight)
-        engine.step(loss, optimizer, scheduler, model=model)
-        if gan_on:
+            bare.quantize.kl_weight = kl_weight_at(done, cfg, mcfg)
+        gan_on = use_gan and done >= cfg.disc_start
+        for _ in range(cfg.grad_accum):
+            target = stack_images(batches.next_items()[1]).to(device, non_blocking=True)
+            if cfg.hflip:
+                flip = torch.rand(target.shape[0], generator=generator, device=device) < 0.5
+                target = torch.where(flip[:, None, None, None], target.flip(-1), target)
+            images = F.avg_pool2d(target, scale) if scale > 1 else target
             with engine.autocast():
-                d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
-            engine.step(d_loss, opt_d, model=disc)
-            logs["d"] = d_loss.detach()
-        recent_codes.append(codes.detach().flatten().cpu())
-        recent_codes = recent_codes[-50:]
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            usage = codebook_usage(torch.cat(recent_codes), mcfg.n_embed)
+                recon, q_loss, codes = model(images, temperature=temperature, hard=cfg.gumbel_hard,
+                                             restart_threshold=cfg.restart_threshold, generator=generator)
+                recon = recon.float()
+                x = target * 2 - 1
+                rec = recon.new_zeros(())
+                if cfg.l1_weight:
+                    rec = rec + cfg.l1_weight * (recon - x).abs().mean()
+                if cfg.l2_weight:
+                    rec = rec + cfg.l2_weight * (recon - x).pow(2).mean()
+                logs = {"rec": rec.detach(), "q": q_loss.detach()}
+                if perceptual is not None:
+                    p_loss = perceptual((recon.clamp(-1, 1) + 1) / 2, target)
+                    rec = rec + cfg.perceptual_weight * p_loss
+                    logs["perc"] = p_loss.detach()
+                loss = rec + q_loss
+                if gan_on:
+                    g_loss = -disc(recon).mean()
+                    d_weight = adaptive_gan_weight(rec, g_loss, bare.last_layer) * cfg.disc_weight
+                    loss = loss + d_weight * g_loss
+                    logs.update(g=g_loss.detach(), d_w=d_weight)
+            engine.step(loss, optimizer, scheduler, model=model)
+            if gan_on:
+                with engine.autocast():
+                    d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
+                engine.step(d_loss, opt_d, model=disc)
+                logs["d"] = d_loss.detach()
+            recent_codes = (recent_codes + [codes.detach().flatten().cpu()])[-50:]
+        if run.should_log(step):
             extra = {"temp": temperature} if mcfg.quantizer == "gumbel" else {}
-            engine.log(done, {**logs, "loss": loss.detach(), **extra, "ppl": usage["perplexity"],
-                              "used": usage["used_fraction"], "lr": scheduler.get_last_lr()[0]}, total=cfg.max_steps)
-        if val_images is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            metrics = _evaluate(bare, val_images, scale, out_dir, done, engine)
+            run.log(step, {**logs, "loss": loss.detach(), **extra, **_usage(recent_codes, mcfg.n_embed),
+                           "lr": scheduler.get_last_lr()[0]})
+        if val_images is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            metrics = _evaluate(bare, val_images, scale, run.out_dir, step, engine)
             set_train_mode(model, frozen_modules)
-        if cfg.save_every and done % cfg.save_every == 0 or engine.should_stop() or done == cfg.max_steps:
-            engine.save_checkpoint(checkpoint_path(out_dir), model=model, optimizer=optimizer, scheduler=scheduler,
-                                   disc=disc, opt_d=opt_d, generator=generator, step=done)
-            if engine.should_stop():
-                log.info("stop requested: checkpoint saved at step %d", done)
-                break
-    engine.save_pretrained(model, out_dir / FINAL_DIR)
-    return bare.eval(), metrics
+    return run.finish(model, data=report, last_loss=None if loss is None else loss.detach(), metrics=metrics)
+
+
+def _usage(codes: list[torch.Tensor], n_embed: int) -> dict[str, float]:
+    usage = codebook_usage(torch.cat(codes), n_embed)
+    return {"ppl": usage["perplexity"], "used": usage["used_fraction"]}
 
 
 def _evaluate(model: VQGAN, val_images: torch.Tensor, scale: int, out_dir: Path, step: int,
@@ -381,9 +285,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_train_config(VQGANTrainConfig, args.config, args.overrides)
-    set_threads(cfg.num_threads)
-    _, metrics = train_vqgan(cfg, resume=args.resume)
-    final = Path(cfg.out_dir) / FINAL_DIR
-    print(json.dumps({"model": str(final), **{k: round(v, 4) for k, v in metrics.items()}}))
-    return 0
+    """Entry point of ``holst train vqgan`` (also under torchrun)."""
+    return run_train_command("vqgan", VQGANTrainConfig, train_vqgan, args)
