@@ -270,7 +270,7 @@ def test_config_yaml_and_overrides(tmp_path):
 
 def test_batches_do_not_depend_on_process_count():
     ds, tok = make_dataset(), CharTokenizer()
-    kw = dict(text_seq_length=16, image_seq_length=16, seed=1, bpe_dropout=0.3, empty_caption_prob=0.0)
+    kw = dict(text_seq_length=16, image_seq_length=16, seed=1, bpe_dropout=0.3, empty_caption_prob=0.3)
     one = DalleBatches(ds, tok, batch_size=8, **kw)
     two = [DalleBatches(ds, tok, batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
     texts, codes = [], []
