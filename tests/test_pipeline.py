@@ -107,9 +107,24 @@ def test_invalid_settings_name_the_option(pipe, kwargs, option):
 
 
 def test_upscale_with_net_and_lanczos(pipe):
+    """x2 is the pipeline's x2 RRDBNet (equal to running the net directly); x3 is above it: Lanczos."""
+    import numpy as np
+
+    from holst.superres import lanczos_upscale, upscale
+    from holst.utils.images import tensor_to_pil
+
     s = pipe.image_size
-    assert pipe("кот", 1, seed=0, upscale=2).images[0].size == (2 * s, 2 * s)  # the x2 RRDBNet
-    assert pipe("кот", 1, seed=0, upscale=3).images[0].size == (3 * s, 3 * s)  # Lanczos fallback
+    base = pipe("кот", 1, seed=0, upscale=1)
+    images = pipe.decode(base.codes)  # (1, 3, s, s) in [0, 1], before quantisation
+    two = pipe("кот", 1, seed=0, upscale=2).images[0]
+    three = pipe("кот", 1, seed=0, upscale=3).images[0]
+    assert two.size == (2 * s, 2 * s) and three.size == (3 * s, 3 * s)
+    with torch.no_grad():
+        net = tensor_to_pil(upscale(pipe.superres, images, tile=0).clamp(0, 1))[0]
+    assert pipe.superres.scale == 2 and two.tobytes() == net.tobytes()  # the net ran
+    assert three.tobytes() == tensor_to_pil(lanczos_upscale(images, 3.0))[0].tobytes()  # Lanczos ran
+    lanczos2 = np.asarray(tensor_to_pil(lanczos_upscale(images, 2.0))[0], dtype=np.int16)
+    assert np.abs(np.asarray(two, dtype=np.int16) - lanczos2).mean() > 5  # and is told apart from the net
 
 
 def test_guidance_changes_images_and_scale_one_is_plain(pipe):
@@ -155,11 +170,22 @@ def test_progress_callback_and_preview(pipe):
 
 
 def test_to_dtype_keeps_vqgan_float32(pipe, tmp_path):
+    """bf16 applies to the transformer (its logits move, a little); the VQGAN keeps its fp32 weights and decodes
+    a bf16 pipeline's codes byte for byte as the fp32 pipeline does."""
+    from holst.utils.images import tensor_to_pil
+
     pipe.save_pretrained(tmp_path / "p")
     bf = Text2ImagePipeline.from_pretrained(tmp_path / "p", dtype="bf16")
-    assert bf.dtype == torch.bfloat16 and next(bf.vqgan.parameters()).dtype == torch.float32
-    out = bf("кот", 2, seed=0)
+    assert bf.dtype == torch.bfloat16 and next(bf.dalle.parameters()).dtype == torch.bfloat16
+    sa, sb = pipe.vqgan.state_dict(), bf.vqgan.state_dict()
+    assert all(sb[k].dtype == sa[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    out = bf("кот", 2, seed=0, upscale=1)
     assert len(out.images) == 2
+    assert [im.tobytes() for im in out.images] == [im.tobytes() for im in tensor_to_pil(pipe.decode(out.codes))]
+    ids = torch.cat([pipe.encode_prompts(["кот"]).expand(2, -1), out.codes], 1)
+    with torch.no_grad():
+        ref, low = pipe.dalle(ids).float(), bf.dalle(ids).float()
+    assert not torch.equal(ref, low) and torch.nn.functional.cosine_similarity(ref.flatten(), low.flatten(), 0) > 0.99
     bf.to("cpu", torch.float32)
     assert bf.dtype == torch.float32
     assert torch.equal(bf("кот", 1, seed=0).codes, bf("кот", 1, seed=0).codes)
