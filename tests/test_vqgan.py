@@ -228,13 +228,33 @@ def test_convert_cli_roundtrip_and_errors(tmp_path):
 
 
 def test_dwt_checkpoint_loads_and_doubles_resolution(tmp_path):
+    """The DWT decode written out over the raw state dict: embed -> the DWT's own post_quant_conv -> the
+    12-channel decoder -> inverse Haar of (LL, LH, HL, HH) per colour -> clamp -> [0, 1] at twice the size."""
     config = VQGANConfig(**SMALL, decoder="dwt")
     sd = _random_sd(config, seed=5)
     torch.save({"model." + k: v for k, v in sd.items()}, tmp_path / "dwt.ckpt")  # the whole vae, strict
     model = load_sber_vqgan(tmp_path / "dwt.ckpt", **{**SMALL, "out_ch": 12})
     assert model.config.decoder == "dwt"
-    out = model.decode(torch.zeros(1, 4, 4, dtype=torch.long))
-    assert out.shape == (1, 3, 64, 64) and 0 <= out.min() and out.max() <= 1
+    codes = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    out = model.decode(codes.reshape(2, 4, 4))
+    assert out.shape == (2, 3, 64, 64)
+    z = F.embedding(codes, sd["quantize.embed.weight"]).reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
+    dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.decoder.")}  # 'decoder.conv_in'...
+    h = _conv(dec, "decoder.conv_in", _conv(sd, "decoder.post_quant_conv", z))
+    h = _mid(dec, "decoder", h)
+    for i in reversed(range(4)):
+        h = _blocks(dec, f"decoder.up.{i}", h, 3)
+        if i != 0:
+            h = _conv(dec, f"decoder.up.{i}.upsample.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    y = _conv(dec, "decoder.conv_out", F.silu(_gn(dec, "decoder.norm_out", h)))  # (2, 12, 32, 32)
+    ll, bands = y[:, :3], y[:, 3:].reshape(2, 3, 3, 32, 32)  # colour-major: channel 3 + 3 * colour + band
+    lh, hl, hh = bands[:, :, 0], bands[:, :, 1], bands[:, :, 2]  # LH: high along H
+    x = torch.empty(2, 3, 64, 64)
+    x[..., 0::2, 0::2] = (ll + lh + hl + hh) / 2
+    x[..., 1::2, 0::2] = (ll - lh + hl - hh) / 2
+    x[..., 0::2, 1::2] = (ll + lh - hl - hh) / 2
+    x[..., 1::2, 1::2] = (ll - lh - hl + hh) / 2
+    torch.testing.assert_close(out, (x.clamp(-1, 1) + 1) / 2, atol=2e-5, rtol=0)
 
 
 def test_inverse_haar_reconstructs_a_forward_haar_transform():
