@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
     (None, "generate"): ("holst.generate_cli", "generate images from a caption"),
     (None, "serve"): ("holst.serve.app", "HTTP API and web page"),
+    (None, "finetune"): ("holst.train.finetune", "teach a model your pictures (folder -> new pipeline)"),
     ("train", "dalle"): ("holst.train.dalle", "train or fine-tune the transformer"),
     ("train", "vqgan"): ("holst.train.vqgan", "train the VQGAN image tokenizer"),
     ("train", "clip"): ("holst.train.clip", "train a CLIP model for ranking"),
@@ -36,6 +37,7 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
     ("eval", "dalle"): ("holst.eval_cli", "transformer held-out loss report"),
     ("eval", "pipeline"): ("holst.eval_cli", "whole-pipeline report"),
     ("eval", "shapes"): ("holst.eval_cli", "shapes attribute accuracy"),
+    ("eval", "recognise"): ("holst.eval_cli", "do generated images show the caption's concept (kNN)"),
     (None, "bench"): ("holst.bench_cli", "run a benchmark script from bench/"),
 }
 

@@ -1,10 +1,11 @@
-"""``holst eval vqgan|dalle|pipeline|shapes``: offline evaluation reports (JSON + Markdown + PNG).
+"""``holst eval vqgan|dalle|pipeline|shapes|recognise``: offline evaluation reports (JSON + Markdown + PNG).
 
 ```
 holst eval vqgan    --model models/default --data data/default --out eval/     # PSNR, SSIM, codebook, FD-EffLite0
 holst eval dalle    --model models/default --data data/default --out eval/     # held-out text/image loss, bits/token
 holst eval pipeline --model models/default --data data/default --out models/default/eval --num-captions 16
 holst eval shapes   --model models/shapes  --out eval/                         # attribute accuracy, held-out combos
+holst eval recognise --model models/default --data data/default --out eval/ -n 4   # kNN recognisability
 ```
 ``--model`` is a pipeline directory (its ``vqgan/``, ``dalle/``, ``tokenizer/`` are used) or, for
 vqgan/dalle, a component directory; ``random:tiny`` / ``random:emoji`` is an untrained pipeline (smoke tests).
@@ -37,7 +38,7 @@ def _common(parser: argparse.ArgumentParser, name: str) -> None:
                         help=f"images per forward (default {d.batch_size})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds caption choice, sampling and distractors")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    if name != "shapes":
+    if name not in ("shapes", "recognise"):
         parser.add_argument("--split", default=d.split, help="held-out split: test, test_concept, test_style "
                                                              f"(default {d.split})")
     if name in ("vqgan", "pipeline"):
@@ -85,6 +86,25 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
         _sampling(parser)
         parser.add_argument("--candidates", type=int, default=d.candidates,
                             help=f"captions per R-precision query (default {d.candidates})")
+    elif name == "recognise":
+        parser.add_argument("--data", default=None, help="dataset folder with concept + split columns (all its images "
+                                                         "are the real reference), e.g. data/default")
+        parser.add_argument("--reference", default=None,
+                            help="a compact reference file instead of --data (e.g. "
+                                 "models/default/eval/recognise_reference.safetensors)")
+        parser.add_argument("--save-reference", default=None, help="also write the compact reference of --data here")
+        parser.add_argument("--reference-dim", type=int, default=128,
+                            help="dimensions kept by --save-reference (default 128)")
+        parser.add_argument("--num-captions", type=int, default=16,
+                            help="captions per group (training / held-out concepts), 0 = all (default 16)")
+        parser.add_argument("--num-images", "-n", type=int, default=d.num_images,
+                            help=f"images per caption (default {d.num_images})")
+        parser.add_argument("--lang", default=d.lang, choices=("ru", "en"), help="caption language (default ru)")
+        parser.add_argument("--neighbours", type=int, default=5, help="nearest real images looked at (default 5)")
+        parser.add_argument("--fd-resolution", type=int, default=d.fd_resolution,
+                            help=f"images are resized to this for EfficientNet-Lite0 (default {d.fd_resolution})")
+        parser.add_argument("--cache-dir", default=None, help="feature cache (default $HOLST_CACHE/eval-stats)")
+        parser.add_argument("--grid-rows", type=int, default=d.grid_rows, help="captions shown per grid")
     elif name == "shapes":
         parser.add_argument("--data", default=None, help="shapes dataset folder whose held-out rows give the specs "
                                                          "(default: the default hold-out combinations)")
@@ -152,6 +172,34 @@ def _components(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return vqgan, dalle, _load_tokenizer(args.tokenizer)
 
 
+def _recognise(args: argparse.Namespace) -> dict:
+    """``holst eval recognise``: build or load the real reference, then the report (flat headline keys added)."""
+    from holst.eval.features import EffLite0Features
+    from holst.eval.recognise import RealReference, eval_recognise, load_reference
+
+    if (args.data is None) == (args.reference is None):
+        raise ValueError("give --data (a dataset folder) or --reference (a compact reference file), one of them")
+    if args.save_reference and args.data is None:
+        raise ValueError("--save-reference needs --data")
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    net = EffLite0Features(args.fd_resolution).eval().to(pipe.device)
+    if args.data is not None:
+        reference = load_reference(args.data, net, size=pipe.image_size, batch_size=args.batch_size,
+                                   cache_dir=args.cache_dir)
+        if args.save_reference:
+            reference.compact(args.reference_dim).save(args.save_reference)
+            print(f"compact reference ({args.reference_dim} dims) written to {args.save_reference}", file=sys.stderr)
+    else:
+        reference = RealReference.load(args.reference)
+    report = eval_recognise(pipe, reference, args.out, net, num_captions=args.num_captions,
+                            num_images=args.num_images, seed=args.seed, lang=args.lang, k=args.neighbours,
+                            grid_rows=args.grid_rows, batch_size=args.batch_size)
+    for group in ("train", "heldout"):
+        for key in ("hit_rate", "chance", "ceiling"):
+            report[f"{group}_{key}"] = (report.get(group) or {}).get(key)
+    return report
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the report named by ``args.command``; prints the JSON summary path and headline numbers."""
     from holst.eval import reports
@@ -180,6 +228,10 @@ def main(args: argparse.Namespace) -> int:
                                            cache_dir=args.cache_dir)
             keys = ("clip_score_best", "clip_score_mean", "r_precision", "real_r_precision", "fd_efflite0",
                     "diversity_efflite0")
+        elif args.command == "recognise":
+            report = _recognise(args)
+            keys = ("train_hit_rate", "train_chance", "train_ceiling", "heldout_hit_rate", "heldout_chance",
+                    "heldout_ceiling")
         elif args.command == "shapes":
             pipe = _load_pipeline(args.model, args.device, args.dtype)
             report = reports.eval_shapes(pipe, args.out, cfg, data=args.data, sampling=_sampling_kwargs(args))
