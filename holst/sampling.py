@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from holst.dalle import DalleModel
+from holst.dalle.decode import Decoder, text_group_size
 
 BOS_ID, EOS_ID, PAD_ID = 2, 3, 0
 REFERENCE_TOP_K, REFERENCE_TOP_P = 2048, 0.995  # the reference README / Emojich settings (reference.md §2)
@@ -154,6 +155,47 @@ def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Te
     return (logits + noise).argmax(dim=-1)
 
 
+def sample_tokens_topk(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor, *, top_k: int,
+                       top_p: float, temperature: float = 1.0, vocab_salt: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """:func:`sample_tokens` without the full sort or the scatter: the same kept set, found from
+    ``topk`` values and comparisons, and the same draw.
+
+    :func:`filter_logits` sorts; its kept set is always a prefix of the descending order: every
+    logit >= the k-th largest (top-k keeps ties), cut where the cumulative probability crosses
+    top_p. The sorted *values* of that prefix are the top-k values followed by copies of the k-th,
+    so softmax and cumsum run on the very vector the sort would give (same floats). Only the order
+    among exactly equal logits at the cut is not a value: torch.sort leaves it unspecified, and
+    here the lower code index goes first (deterministic; fp32 logits practically never tie, 16-bit
+    ones do).
+
+    Args:
+        logits: (B, V); keys: (B,) :func:`seed_keys`; step: image token index (int or 0-dim tensor).
+        top_k, top_p, temperature: as :func:`sample_tokens`; vocab_salt: (V,) :func:`vocab_salt_table`.
+    Returns:
+        (B,) long codes.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    B, V = logits.shape
+    k = V if top_k <= 0 else min(top_k, V)
+    vals = logits.topk(k, dim=-1).values  # (B, k) descending
+    kth = vals[:, -1:]  # (B, 1)
+    kept = logits >= kth  # (B, V) top-k with ties
+    if 0.0 <= top_p <= 1.0:
+        m = kept.sum(dim=-1, keepdim=True)  # (B, 1) size of the top-k set
+        pos = torch.arange(V, device=logits.device)
+        sorted_vals = torch.cat([vals, kth.expand(B, V - k)], dim=-1).masked_fill(pos >= m, float("-inf"))
+        cumulative = sorted_vals.softmax(dim=-1).cumsum(dim=-1)  # (B, V) as filter_logits computes it
+        n = (1 + (cumulative[:, :-1] <= top_p).sum(dim=-1, keepdim=True)).minimum(m)  # (B, 1) kept prefix
+        cut = sorted_vals.gather(1, n - 1)  # (B, 1) the smallest kept value
+        above, at = logits > cut, logits == cut
+        kept = above | (at & (at.cumsum(dim=-1) <= n - above.sum(dim=-1, keepdim=True)))
+    noise = counter_gumbel(keys, step, V, vocab_salt)
+    return (logits + noise).masked_fill(~kept, float("-inf")).argmax(dim=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Image prompts
 # --------------------------------------------------------------------------------------------
@@ -252,30 +294,32 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 class _CudaGraphStep:
-    """A captured static-cache step ``fn(codes, index) -> tuple of tensors`` (CUDA only).
+    """A captured fixed-shape step ``fn(*inputs) -> tuple of tensors`` (CUDA only).
 
     Inputs are copied into fixed buffers and the graph is replayed; the output buffers are reused,
     so the caller consumes them before the next call.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], rows: int,
-                 first_index: int, device: torch.device) -> None:
-        self.codes = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.index = torch.full((), first_index, dtype=torch.long, device=device)
-        # Warm-up writes keys at the first decode position, which the first real step overwrites.
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], example: tuple[torch.Tensor, ...],
+                 device: torch.device) -> None:
+        self.inputs = tuple(t.clone() for t in example)
+        # Warm-up writes keys at the example position, which the real step at that position overwrites.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(self.codes, self.index)
+                fn(*self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = fn(self.codes, self.index)
+            self.outputs = fn(*self.inputs)
 
-    def __call__(self, codes: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
-        self.codes.copy_(codes)
-        self.index.fill_(index)
+    def __call__(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        for buf, x in zip(self.inputs, inputs):
+            if isinstance(x, torch.Tensor):
+                buf.copy_(x)
+            else:
+                buf.fill_(x)
         self.graph.replay()
         return self.outputs
 
@@ -309,13 +353,14 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
                        image_prompt: ImagePrompt | None = None, generator: torch.Generator | None = None,
                        seeds: list[int] | None = None, progress: ProgressFn | None = None,
                        progress_interval: int = 1, batch_size: int | None = None, static_cache: bool = False,
-                       cuda_graph: bool = False, free_cache: bool = True, return_perplexity: bool = False
-                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                       cuda_graph: bool = False, compile: bool = False, free_cache: bool = True,
+                       return_perplexity: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Generate image codes for captions with the incremental (KV-cached) transformer.
 
     Args:
         model: a DalleModel (any dtype/device; dropout is switched off during the call).
         text_ids: (B, T) long, one caption per image as ``BPETokenizer.encode_batch`` makes them.
+            Neighbouring rows with the same caption share its text keys/values (computed once).
         top_k, top_p, temperature: the reference's sampling filter (:func:`filter_logits`); top_k 0
             or None disables top-k.
         guidance_scale: None or 1.0 = plain sampling (1.0 would give the same logits, so the
@@ -330,8 +375,12 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
             last one. An exception raised there stops generation and propagates (cancellation).
         batch_size: generate at most this many images at a time (a new cache per batch).
         static_cache: fixed-shape decode steps (position as a device tensor).
-        cuda_graph: capture the static decode step in a CUDA graph and replay it (CUDA only).
-        free_cache: drop each batch's cache (and CUDA's cached blocks) before the next batch.
+        cuda_graph: capture the static decode step in a CUDA graph and replay it (CUDA only); the
+            graph is kept on the model and reused by later calls with the same rows and settings.
+        compile: ``torch.compile`` the static decode step (CPU inductor or CUDA), kept and reused
+            like the graph; the first call per shape pays the compilation.
+        free_cache: drop the caches kept for ``cuda_graph``/``compile`` (and CUDA's cached blocks)
+            when the call ends.
         return_perplexity: also return :func:`image_perplexity`-equal scores, computed from the
             generation's own logits (no extra forward).
     Returns:
@@ -349,31 +398,200 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
     step = batch_size or B
     if guidance_scale is not None and float(guidance_scale) == 1.0:
         guidance_scale = None  # cond + 0 * (cond - uncond) == cond: no need for the uncond rows
+    mode = "graph" if cuda_graph else "compile" if compile else "static" if static_cache else "eager"
+    settings = dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature), guidance_scale=guidance_scale)
     codes, ppls = [], []
     with eval_mode(model), torch.no_grad():  # no_grad, not inference_mode: callers may edit the codes in place
         for start in range(0, B, step):
             sl = slice(start, start + step)
             c, p = _generate_batch(model, text_ids[sl].to(device).long(), keys[sl],
-                                   None if prompt is None else (prompt[0][sl], prompt[1][sl]),
-                                   top_k=top_k, top_p=float(top_p), temperature=float(temperature),
-                                   guidance_scale=guidance_scale, progress=progress,
-                                   progress_interval=max(1, int(progress_interval)),
-                                   static_cache=static_cache or cuda_graph,
-                                   cuda_graph=cuda_graph, want_ppl=return_perplexity)
+                                   None if prompt is None else (prompt[0][sl], prompt[1][sl]), **settings,
+                                   progress=progress, progress_interval=max(1, int(progress_interval)),
+                                   mode=mode, want_ppl=return_perplexity)
             codes.append(c)
             ppls.append(p)
-            if free_cache and device.type == "cuda":
-                torch.cuda.empty_cache()
+    if free_cache and mode in ("graph", "compile"):
+        clear_decode_sessions(model)
+    if free_cache and device.type == "cuda":
+        torch.cuda.empty_cache()  # once per call, not per batch
     codes = torch.cat(codes)
     return (codes, torch.cat(ppls)) if return_perplexity else codes
+
+
+def _prompt_state(prompt: tuple[torch.Tensor, torch.Tensor] | None, b: int, N: int, V: int, device: torch.device
+                  ) -> tuple[torch.Tensor, list[bool], bool]:
+    """(b, N) codes holding the given tokens, host list of tokens every image knows, masks differ per image."""
+    codes = torch.zeros(b, N, dtype=torch.long, device=device)
+    if prompt is None:
+        return codes, [False] * N, False
+    p_codes, p_mask = prompt
+    if ((p_codes < 0) | (p_codes >= V))[p_mask].any():
+        raise ValueError(f"ImagePrompt.codes must lie in 0..{V - 1} where the mask is True")
+    codes = torch.where(p_mask, p_codes, codes)
+    known_all = p_mask.all(dim=0).tolist()  # one sync before the loop
+    per_image = bool((p_mask.any(dim=0) & ~p_mask.all(dim=0)).any())  # masks differ between images
+    return codes, known_all, per_image
 
 
 def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tensor,
                     prompt: tuple[torch.Tensor, torch.Tensor] | None, *, top_k: int, top_p: float,
                     temperature: float, guidance_scale: float | None, progress: ProgressFn | None,
-                    progress_interval: int, static_cache: bool, cuda_graph: bool, want_ppl: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One batch: prefill text + known prefix, then one decode step per remaining token."""
+                    progress_interval: int, mode: str, want_ppl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch through the shared-prefix decoder (holst/dalle/decode.py) and the lean sampler
+    (:func:`sample_tokens_topk`); the reference-exact kernel (attn_impl 'math') keeps the per-row
+    cache path :func:`_generate_batch_legacy`."""
+    if model.attn_impl == "math":
+        return _generate_batch_legacy(model, text_ids, keys, prompt, top_k=top_k, top_p=top_p,
+                                      temperature=temperature, guidance_scale=guidance_scale, progress=progress,
+                                      progress_interval=progress_interval, static_cache=mode != "eager",
+                                      cuda_graph=mode == "graph", want_ppl=want_ppl)
+    cfg = model.config
+    b, N, V = text_ids.shape[0], cfg.image_seq_length, cfg.image_vocab_size
+    device = text_ids.device
+    codes, known_all, per_image = _prompt_state(prompt, b, N, V, device)
+    guided = guidance_scale is not None
+    G = text_group_size(text_ids)
+    rows = 2 * b if guided else b
+    session = _session(model, rows, G, b, mode, top_k, top_p, temperature, guidance_scale)
+    session.keys.copy_(keys)
+    logits = session.first_logits(text_ids)  # (R, V) predicting image token 0
+    ce = torch.zeros(b, N, device=device) if want_ppl else None
+    sampled = session.sample(logits, 0)
+    for j in range(N):
+        if known_all[j]:
+            tok = codes[:, j]
+        else:
+            tok = torch.where(prompt[1][:, j], codes[:, j], sampled) if per_image else sampled
+            codes[:, j] = tok
+        if progress is not None and ((j + 1) % progress_interval == 0 or j == N - 1):
+            progress(j + 1, N, codes[:, : j + 1])
+        if j == N - 1:
+            if want_ppl:
+                ce[:, j] = _token_ce(logits[:b], tok)
+            break
+        logits, sampled, ce_j = session.step(tok, j, logits[:b])
+        if want_ppl:
+            ce[:, j] = ce_j
+    # The reference scores tokens 1..N-1 (image[0] is predicted from the text, reference.md §2 step 5).
+    return codes, (ce_to_ppl(ce[:, 1:]) if want_ppl else None)
+
+
+def _token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``tokens`` (b,) under ``logits`` (b, V) float: logsumexp - logit. Returns (b,)."""
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, tokens[:, None])[:, 0]
+
+
+class _DecodeSession:
+    """Buffers and the step function of one (rows, settings) shape; kept on the model for the
+    compiled and graph modes so that later calls reuse the compilation or the captured graph.
+
+    Args:
+        model: the DalleModel; rows: R (2b under guidance); group: G rows per caption; b: images.
+        mode: 'eager' (dynamic shapes), 'static', 'compile' (torch.compile of the static step) or
+            'graph' (CUDA graph of the static step).
+    """
+
+    def __init__(self, model: DalleModel, rows: int, group: int, b: int, mode: str, top_k: int, top_p: float,
+                 temperature: float, guidance_scale: float | None) -> None:
+        cfg = model.config
+        w = model.image_embeddings.weight
+        self.model, self.rows, self.group, self.b, self.mode = model, rows, group, b, mode
+        self.top_k, self.top_p, self.temperature, self.scale = top_k, top_p, temperature, guidance_scale
+        self.D, self.T, self.V = cfg.image_tokens_per_dim, cfg.text_seq_length, cfg.image_vocab_size
+        self.offset = 1 if cfg.hf_version == "v2" else 0  # v2: image token j sits at mask pixel j + 1
+        self.decoder = Decoder(model, rows, group, w.device, w.dtype)
+        self.keys = torch.zeros(b, dtype=torch.long, device=w.device)
+        self.salt = vocab_salt_table(self.V, w.device)
+        self.index = torch.arange(cfg.image_seq_length, device=w.device)  # step indices as 0-dim tensors
+        self.fn: Callable[..., tuple[torch.Tensor, ...]] = self._step
+        if mode == "compile":
+            self.fn = torch.compile(self._step, dynamic=False)
+        self.graph: _CudaGraphStep | None = None
+
+    def first_logits(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Prefill each distinct caption once (and the empty one under guidance). Returns (R, V)
+        float image logits predicting token 0."""
+        b, G, model = self.b, self.group, self.model
+        texts = text_ids[::G]  # (b / G, T) distinct neighbouring captions
+        u = texts.shape[0]
+        entry_of = list(range(u))
+        row_entry = torch.arange(b, device=text_ids.device) // G  # (b,) caption of each image row
+        if self.scale is not None:
+            texts = torch.cat([texts, empty_caption_ids(1, self.T, text_ids.device)])
+            entry_of += [u] * u
+            row_entry = torch.cat([row_entry, torch.full_like(row_entry, u)])
+        hidden, pixels = self.decoder.prefill_text(texts, entry_of)  # (u', T, H), (u', P - T, H)
+        if self.offset == 0:
+            return model.image_logits(hidden[:, -1:])[:, 0].float().index_select(0, row_entry)
+        x = pixels.index_select(0, row_entry)  # (R, 1, H) the v2 last text token at pixel 0
+        return model.image_logits(self.decoder.step(x, self._pixel(0)))[:, 0].float()
+
+    def _pixel(self, p: int) -> int | torch.Tensor:
+        return p if self.mode == "eager" else self.index[p]
+
+    def sample(self, logits: torch.Tensor, j: int | torch.Tensor) -> torch.Tensor:
+        """(R, V) logits predicting image token j -> (b,) codes."""
+        b = self.b
+        mixed = guided_logits(logits[:b], logits[b:], self.scale) if self.scale is not None else logits
+        return sample_tokens_topk(mixed, self.keys, j, top_k=self.top_k, top_p=self.top_p,
+                                  temperature=self.temperature, vocab_salt=self.salt)
+
+    def _step(self, tok: torch.Tensor, j: int | torch.Tensor, prev: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feed image token j (b,), score it under ``prev`` (b, V), predict and sample token j + 1.
+        Returns (R, V) logits, (b,) sampled codes and (b,) cross-entropies of ``tok``."""
+        model, D = self.model, self.D
+        ce = _token_ce(prev, tok)
+        feed = (tok.repeat(2) if self.scale is not None else tok)[:, None]  # (R, 1)
+        jt = self.index[j] if isinstance(j, int) else j  # 0-dim
+        x = model.image_embeddings(feed) + model.image_row_embeddings(jt // D) + model.image_col_embeddings(jt % D)
+        logits = model.image_logits(self.decoder.step(x, j + self.offset))[:, 0].float()  # (R, V)
+        return logits, self.sample(logits, j + 1), ce
+
+    def step(self, tok: torch.Tensor, j: int, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_step` through the session's mode (eager int position, static tensor, compiled, graph)."""
+        if self.mode == "eager":
+            return self._step(tok, j, prev)
+        if self.mode == "graph":
+            if self.graph is None:
+                self.graph = _CudaGraphStep(self._step, (tok, self.index[j], prev), tok.device)
+            return self.graph(tok, self.index[j], prev)
+        return self.fn(tok, self.index[j], prev)
+
+
+_SESSIONS_KEPT = 4  # compiled/graph sessions kept per model (least recently used dropped first)
+
+
+def _session(model: DalleModel, rows: int, group: int, b: int, mode: str, top_k: int, top_p: float,
+             temperature: float, guidance_scale: float | None) -> _DecodeSession:
+    """A new session (eager/static) or the model's kept one for this shape and settings (compile/graph)."""
+    args = (rows, group, b, mode, top_k, top_p, temperature, guidance_scale)
+    if mode not in ("compile", "graph"):
+        return _DecodeSession(model, *args)
+    w = model.image_embeddings.weight
+    kept: dict = model.__dict__.setdefault("_holst_decode_sessions", {})
+    key = (*args, w.device, w.dtype)
+    if key in kept:
+        kept[key] = kept.pop(key)  # most recent last
+    else:
+        while len(kept) >= _SESSIONS_KEPT:
+            kept.pop(next(iter(kept)))
+        kept[key] = _DecodeSession(model, *args)
+    return kept[key]
+
+
+def clear_decode_sessions(model: DalleModel) -> None:
+    """Drop the compiled steps, CUDA graphs and caches kept on ``model`` by earlier calls."""
+    model.__dict__.pop("_holst_decode_sessions", None)
+
+
+def _generate_batch_legacy(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tensor,
+                           prompt: tuple[torch.Tensor, torch.Tensor] | None, *, top_k: int, top_p: float,
+                           temperature: float, guidance_scale: float | None, progress: ProgressFn | None,
+                           progress_interval: int, static_cache: bool, cuda_graph: bool, want_ppl: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-row cache path (holst/dalle/cache.py) with the full filter: prefill text + known
+    prefix per row, then one decode step per remaining token. The parity reference of the decoder."""
     cfg = model.config
     b, N, P, V = text_ids.shape[0], cfg.image_seq_length, model.num_text_positions, cfg.image_vocab_size
     device = text_ids.device
@@ -381,18 +599,7 @@ def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tenso
     if guided:  # rows 0..b-1 conditional, b..2b-1 unconditional: one batched forward per step
         text_ids = torch.cat([text_ids, empty_caption_ids(b, cfg.text_seq_length, device)])
     rows = text_ids.shape[0]
-
-    codes = torch.zeros(b, N, dtype=torch.long, device=device)
-    known_all = [False] * N  # host-side: a token every image knows is forced without sampling
-    if prompt is not None:
-        p_codes, p_mask = prompt
-        if ((p_codes < 0) | (p_codes >= V))[p_mask].any():
-            raise ValueError(f"ImagePrompt.codes must lie in 0..{V - 1} where the mask is True")
-        codes = torch.where(p_mask, p_codes, codes)
-        known_all = p_mask.all(dim=0).tolist()  # one sync before the loop
-        per_image = bool((p_mask.any(dim=0) & ~p_mask.all(dim=0)).any())  # masks differ between images
-    else:
-        per_image = False
+    codes, known_all, per_image = _prompt_state(prompt, b, N, V, device)
     n0 = 0  # tokens known to every image from the start go through the prefill in one pass
     while n0 < N - 1 and known_all[n0]:
         n0 += 1
@@ -417,7 +624,10 @@ def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tenso
         return logits, sample(logits, index + 1)
 
     # A captured step holds the layers, the head and the sampler: one replay per token, no host sync.
-    graph_step = _CudaGraphStep(decode, rows, n0, device) if cuda_graph and n0 < N - 1 else None
+    graph_step = None
+    if cuda_graph and n0 < N - 1:
+        example = (torch.zeros(rows, 1, dtype=torch.long, device=device), cache.index_table[n0])
+        graph_step = _CudaGraphStep(decode, example, device)
     logits = logits_prefix[:, -1]  # (R, V) predicting token n0
     sampled = None if known_all[n0] else sample(logits, n0)
     for j in range(n0, N):

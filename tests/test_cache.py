@@ -166,3 +166,87 @@ def test_cached_logits_12x12_grid(hf_version: str, static: bool) -> None:
         full = model(torch.cat([text, codes], dim=1))[:, P - 1 : P - 1 + N, cfg.vocab_size :]
         torch.testing.assert_close(cached_logits(model, text, codes, 0, static), full, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(cached_logits(model, text, codes, 30, static), full, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ shared-prefix decoder (holst/dalle/decode.py)
+def decoder_logits(model: DalleModel, text: torch.Tensor, codes: torch.Tensor, static: bool) -> torch.Tensor:
+    """Image logits predicting tokens 0..N-1 through Decoder: text once per distinct caption, then
+    one pixel per step (teacher forcing). Rows are [text 0] x G + [text 1] x G ... (text (U, T))."""
+    from holst.dalle.decode import Decoder
+
+    cfg = model.config
+    U, G = text.shape[0], codes.shape[0] // text.shape[0]
+    R, D, N = codes.shape[0], cfg.image_tokens_per_dim, cfg.image_seq_length
+    dec = Decoder(model, R, G, torch.device("cpu"), torch.float32)
+    hidden, pixels = dec.prefill_text(text, list(range(U)))
+    rows = torch.arange(R) // G
+    pix = (lambda p: torch.tensor(p)) if static else (lambda p: p)
+    out = []
+    if cfg.hf_version == "v2":  # the last text token is mask pixel 0
+        out.append(model.image_logits(dec.step(pixels.index_select(0, rows), pix(0))))
+        off = 1
+    else:
+        out.append(model.image_logits(hidden[:, -1:]).index_select(0, rows))
+        off = 0
+    for j in range(N - 1):
+        jt = torch.tensor(j)
+        x = model.image_embeddings(codes[:, j : j + 1]) + model.image_row_embeddings(jt // D) + \
+            model.image_col_embeddings(jt % D)
+        out.append(model.image_logits(dec.step(x, pix(j + off))))
+    return torch.cat(out, dim=1)  # (R, N, V)
+
+
+def grid_model(hf_version: str, D: int) -> DalleModel:
+    from holst.config import DalleConfig
+
+    cfg = DalleConfig(num_layers=3, hidden_size=32, num_attention_heads=2, text_seq_length=8, image_tokens_per_dim=D,
+                      vocab_size=64 + 8, image_vocab_size=32, embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
+                      output_dropout_prob=0.0, hf_version=hf_version)
+    torch.manual_seed(0)
+    model = DalleModel(cfg).eval()
+    model.init_weights(0.3)
+    return model
+
+
+@pytest.mark.parametrize("hf_version", ["v3", "v2"])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("D", [4, 12])
+def test_decoder_logits_equal_full_forward(hf_version: str, static: bool, D: int) -> None:
+    """Shared text keys (2 captions x 2 rows each), row ring, column view, conv window: the logits of
+    every step equal the plain forward of each row's own sequence."""
+    model = make_model(hf_version) if D == 4 else grid_model(hf_version, D)
+    text, codes = make_batch(model, 4)
+    text = text[[0, 0, 1, 1]]
+    cfg, P, N = model.config, model.num_text_positions, model.config.image_seq_length
+    with torch.no_grad():
+        full = model(torch.cat([text, codes], dim=1))[:, P - 1 : P - 1 + N, cfg.vocab_size :]
+        assert full.std() > 0.5
+        got = decoder_logits(model, text[[0, 2]], codes, static)
+    torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-5)
+
+
+def test_decoder_keeps_only_visible_keys() -> None:
+    """Per row: D + 1 ring slots (row), N (col, conv); text once per caption, not per row."""
+    from holst.dalle.decode import Decoder, DecodeTables
+
+    cfg = get_preset("small")  # 8 layers, D = 16, T = 32
+    model = DalleModel(cfg)
+    T, D = cfg.text_seq_length, cfg.image_tokens_per_dim
+    dec = Decoder(model, 8, 8, torch.device("cpu"), torch.float32)
+    old = model.new_cache(8)
+    assert dec.nbytes() < 0.8 * old.nbytes()
+    assert all(kt.shape[0] == 1 for kt in dec.kt)  # one caption's text keys for 8 rows
+    tables = DecodeTables(T, D, "v3", torch.device("cpu"), torch.float32)
+    assert max(len(x) for x in tables.conv_lists) == 5 * 11 + 6  # 11x11 window, causal half
+    i = 5 * D + 7  # row 5, column 7: rows 0..5 of the window, columns 2..12
+    expected = [r * D + c for r in range(0, 6) for c in range(2, 13) if r * D + c <= i]
+    assert tables.conv_lists[i].tolist() == expected
+
+
+def test_text_group_size() -> None:
+    from holst.dalle.decode import text_group_size
+
+    t = torch.tensor([[1], [1], [2], [2], [2], [2]])
+    assert text_group_size(t) == 2
+    assert text_group_size(t[:5]) == 1
+    assert text_group_size(t[2:]) == 4

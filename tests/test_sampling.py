@@ -13,6 +13,7 @@ from holst.presets import get_preset
 from holst.sampling import (
     ImagePrompt,
     _generate_batch,
+    _generate_batch_legacy,
     border_mask,
     ce_to_ppl,
     counter_gumbel,
@@ -23,7 +24,10 @@ from holst.sampling import (
     image_perplexity,
     partial_grid,
     sample_image_codes,
+    sample_tokens,
+    sample_tokens_topk,
     seed_keys,
+    vocab_salt_table,
 )
 
 KW = dict(top_k=40, top_p=0.97)
@@ -176,7 +180,7 @@ def test_guidance_scale_1_equals_plain_sampling(model: DalleModel) -> None:
     with torch.no_grad():
         guided, _ = _generate_batch(model, text, seed_keys(seeds), None, top_k=KW["top_k"], top_p=KW["top_p"],
                                     temperature=1.0, guidance_scale=1.0, progress=None, progress_interval=1,
-                                    static_cache=False, cuda_graph=False, want_ppl=False)
+                                    mode="eager", want_ppl=False)
     assert torch.equal(guided, plain)
     strong = sample_image_codes(model, text, seeds=[1, 2, 3, 4], guidance_scale=4.0, **KW)
     assert not torch.equal(strong, plain)
@@ -320,3 +324,125 @@ def test_sampling_config_is_the_keyword_set(model: DalleModel) -> None:
         SamplingConfig(top_p=1.5)
     with pytest.raises(ConfigError, match="batch_size"):
         SamplingConfig(batch_size=0)
+
+
+# ------------------------------------------------------------------ lean sampler and decoder vs the per-row path
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (1, 1.0, 1.0), (10, 1.0, 0.7), (0, 0.9, 1.0),
+                                                     (25, 0.95, 1.3), (200, 0.5, 1.0), (8, 0.0, 1.0)])
+def test_topk_sampler_equals_full_filter(top_k: int, top_p: float, temperature: float) -> None:
+    g = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(64, 100, generator=g) * 3
+    keys, salt = seed_keys(list(range(64))), vocab_salt_table(100)
+    for step in range(5):
+        ref = sample_tokens(logits, keys, step, top_k=top_k, top_p=top_p, temperature=temperature, vocab_salt=salt)
+        got = sample_tokens_topk(logits, keys, step, top_k=top_k, top_p=top_p, temperature=temperature,
+                                 vocab_salt=salt)
+        assert torch.equal(got, ref)
+
+
+def drawn(logits: list[float], top_k: int, top_p: float, n: int = 4000) -> set[int]:
+    x = torch.tensor([logits]).expand(n, -1)
+    return set(sample_tokens_topk(x, seed_keys(list(range(n))), 0, top_k=top_k, top_p=top_p).tolist())
+
+
+def test_topk_sampler_ties() -> None:
+    """Top-k keeps every logit equal to the k-th (as filter_logits); at a top-p cut that splits equal
+    logits, the lower code index is kept."""
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1]).log().tolist()
+    assert drawn(p, top_k=2, top_p=1.0) == {0, 1, 2}
+    assert drawn(p, top_k=1, top_p=1.0) == {0}
+    # cumulative 0.5, 0.7, 0.9: the cut at 0.6 keeps one of the two 0.2s: code 1, not code 2
+    assert drawn(p, top_k=0, top_p=0.6) == {0, 1}
+    assert drawn([0.0, 1.0, 1.0, 1.0], top_k=2, top_p=0.4) == {1, 2}
+
+
+def grid_model(hf_version: str, D: int) -> DalleModel:
+    from holst.config import DalleConfig
+
+    cfg = DalleConfig(num_layers=3, hidden_size=32, num_attention_heads=2, text_seq_length=8, image_tokens_per_dim=D,
+                      vocab_size=64 + 8, image_vocab_size=48, embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
+                      output_dropout_prob=0.0, hf_version=hf_version)
+    torch.manual_seed(0)
+    m = DalleModel(cfg).eval()
+    m.init_weights(0.3)
+    return m
+
+
+def both_paths(model: DalleModel, text: torch.Tensor, prompt=None, mode: str = "eager", **kw):
+    """(codes, ppl) of the decoder and of the reference-style per-row cache path, same seeds."""
+    keys = seed_keys([3 * i + 1 for i in range(text.shape[0])])
+    settings = dict(top_k=kw.get("top_k", 12), top_p=kw.get("top_p", 0.9), temperature=kw.get("temperature", 1.0),
+                    guidance_scale=kw.get("guidance_scale"), progress=None, progress_interval=1, want_ppl=True)
+    with torch.no_grad():
+        new = _generate_batch(model, text, keys, prompt, mode=mode, **settings)
+        old = _generate_batch_legacy(model, text, keys, prompt, static_cache=False, cuda_graph=False, **settings)
+    return new, old
+
+
+def grid_captions(model: DalleModel, pattern: list[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(9)
+    T = model.config.text_seq_length
+    distinct = torch.randint(4, model.config.bpe_vocab_size, (max(pattern) + 1, T), generator=g)
+    distinct[:, 0], distinct[:, 5:] = 2, 0
+    return distinct[pattern]
+
+
+@pytest.mark.parametrize("hf_version", ["v3", "v2"])
+@pytest.mark.parametrize("D", [4, 12])
+@pytest.mark.parametrize("mode", ["eager", "static"])
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_decoder_same_codes_as_reference_path(hf_version: str, D: int, mode: str, guidance: float | None) -> None:
+    """Shared captions ([A, A, B, B]: text once per caption), sampled and greedy, with and without guidance."""
+    model = grid_model(hf_version, D)
+    text = grid_captions(model, [0, 0, 1, 1])
+    (new, ppl), (old, ppl_old) = both_paths(model, text, mode=mode, guidance_scale=guidance)
+    assert torch.equal(new, old)
+    torch.testing.assert_close(ppl, ppl_old, rtol=1e-4, atol=1e-4)
+    assert len({tuple(r) for r in new.tolist()}) == 4
+    (greedy, _), (greedy_old, _) = both_paths(model, text, mode=mode, guidance_scale=guidance, top_k=1, top_p=1.0)
+    assert torch.equal(greedy, greedy_old)
+
+
+@pytest.mark.parametrize("hf_version", ["v3", "v2"])
+def test_decoder_same_codes_with_image_prompts(hf_version: str) -> None:
+    model = grid_model(hf_version, 12)
+    D, N, V = 12, 144, model.config.image_vocab_size
+    text = grid_captions(model, [0, 1, 2])  # all captions differ: one text entry per row
+    given = (torch.arange(N) * 7) % V
+    borders = ImagePrompt.from_borders(given, {"up": 2, "down": 0, "left": 1, "right": 0})
+    g = torch.Generator().manual_seed(0)
+    inpaint = (torch.randint(0, V, (3, N), generator=g), torch.rand(3, N, generator=g) < 0.4)
+    for prompt in (borders.expand(3, D, torch.device("cpu")), inpaint):
+        for guidance in (None, 2.0):
+            (new, ppl), (old, ppl_old) = both_paths(model, text, prompt, guidance_scale=guidance)
+            assert torch.equal(new, old)
+            assert torch.equal(new[prompt[1]], prompt[0][prompt[1]])
+            torch.testing.assert_close(ppl, ppl_old, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_32x32_grid() -> None:
+    """The official grid (D = 32, conv window clamped at the borders) with a tiny model."""
+    model = grid_model("v3", 32)
+    text = grid_captions(model, [0, 0])
+    (new, _), (old, _) = both_paths(model, text, mode="static", guidance_scale=2.0)
+    assert torch.equal(new, old)
+
+
+def test_compiled_step_same_codes_and_reused() -> None:
+    """compile=True (torch.compile of the static step, CPU inductor here): same codes; the compiled
+    session is kept on the model and reused by the next call with the same shape. (v3 only: one
+    compilation is enough; v2 runs the same static step, tested eagerly above.)"""
+    torch.manual_seed(0)
+    model = DalleModel(get_preset("tiny")).eval()
+    model.init_weights(0.3)
+    text = captions(model, 2)
+    eager = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, **KW)
+    a = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, free_cache=False, **KW)
+    assert torch.equal(a, eager)
+    kept = dict(model.__dict__["_holst_decode_sessions"])
+    b = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, free_cache=False, **KW)
+    assert torch.equal(b, eager) and list(kept.values()) == list(model.__dict__["_holst_decode_sessions"].values())
+    from holst.sampling import clear_decode_sessions
+
+    clear_decode_sessions(model)
+    assert "_holst_decode_sessions" not in model.__dict__
