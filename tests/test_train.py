@@ -92,7 +92,8 @@ WORKER = textwrap.dedent('''
 
 def tiny_cfg(tmp_path: Path, name: str, **kw) -> dict:
     opts = dict(model="tiny", out_dir=str(tmp_path / name), batch_size=8, max_steps=8, lr=3e-3, warmup_steps=2,
-                log_every=1, save_every=3, tensorboard=False, bpe_dropout=0.1, empty_caption_prob=0.2, seed=3)
+                log_every=1, save_every=3, tensorboard=False, bpe_dropout=0.1, empty_caption_prob=0.2, seed=3,
+                precision="fp32")
     opts.update(kw)
     return opts
 
@@ -363,15 +364,23 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 @pytest.mark.slow
-def test_ddp_and_fsdp_two_processes_match_one_process(tmp_path):
+def test_ddp_fsdp_and_deepspeed_two_processes_match_one_process(tmp_path):
     """2 x gloo (torchrun's env), batch 4 each == 1 process, batch 8 (same global batch, same samples).
 
     DDP all-reduces gradients; FSDP (fully_shard) shards parameters, gradients, optimizer state and
-    the EMA, and gathers the full weights for final/."""
+    the EMA, and gathers the full weights for final/; DeepSpeed ZeRO-2 (its CPU accelerator over
+    gloo, when installed: ./setup.sh --dev) partitions the optimizer state."""
     common = dict(max_steps=3, save_every=0, ema_decay=0.9)
+    backends = ("ddp", "fsdp") + (("deepspeed",) if _has_deepspeed() else ())
     procs = {backend: run_workers(tmp_path, tiny_cfg(tmp_path, backend, batch_size=4, backend=backend, **common), 2)
-             for backend in ("ddp", "fsdp")}
+             for backend in backends}
     single = DalleTrainConfig.from_dict(tiny_cfg(tmp_path, "single", **common))
     with one_thread():
         train_dalle(single, dataset=make_dataset(), tokenizer=CharTokenizer())

@@ -64,6 +64,9 @@ from holst.utils.runtime import get_logger
 log = get_logger("holst.train")
 
 
+# DeepSpeed writes a file named 'latest' holding the newest tag, so the tag itself must differ.
+DEEPSPEED_TAG = "holst"
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
@@ -321,6 +324,11 @@ class Engine:
             model.require_backward_grad_sync = enabled
         elif hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(enabled)
+        # ZeRO 1-3 wrap the optimizer in an object that is not a torch Optimizer (LambdaLR refuses it);
+        # the wrapper steps the inner one, whose param groups (the learning rates) it shares.
+        while not isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "optimizer", None),
+                                                                             torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any = None,
              model: nn.Module | None = None) -> bool:
@@ -521,7 +529,7 @@ class Engine:
             # ZeRO partitions the optimizer state over ranks: DeepSpeed's own (collective) checkpoint
             # holds model + optimizer + its loss scaler next to ours; our file keeps the rest.
             ds_dir = path.with_name(path.name + ".deepspeed")
-            self._prepared[0].save_checkpoint(str(ds_dir), tag="latest")
+            self._prepared[0].save_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG)
             state = {k: (DEEPSPEED_MARKER if self._is_deepspeed_object(v) else v) for k, v in state.items()}
         for key, value in state.items():
             payload[key] = self._to_state(value, model)
@@ -534,7 +542,8 @@ class Engine:
         if self.backend != "deepspeed" or not self._prepared:
             return False
         ds = self._prepared[0]
-        return value is ds or value is getattr(ds, "optimizer", None)
+        wrapper = getattr(ds, "optimizer", None)
+        return value is ds or value is wrapper or value is getattr(wrapper, "optimizer", None)
 
     def _to_state(self, value: Any, model: nn.Module | None) -> Any:
         if isinstance(value, nn.Module):
@@ -571,7 +580,7 @@ class Engine:
         model = targets.get("model")
         if self.backend == "deepspeed" and any(self._is_deepspeed_object(t) for t in targets.values()):
             ds_dir = path.with_name(path.name + ".deepspeed")
-            self._prepared[0].load_checkpoint(str(ds_dir), tag="latest", load_optimizer_states=True,
+            self._prepared[0].load_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
             targets = {k: v for k, v in targets.items() if not self._is_deepspeed_object(v)}
         for key, target in targets.items():
