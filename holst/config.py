@@ -25,14 +25,30 @@ def _check(cond: bool, message: str) -> None:
 
 
 def check_choice(name: str, value: Any, allowed: tuple | list) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is one of ``allowed``."""
-    _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+    """Raise ConfigError naming ``name`` unless ``value`` is one of ``allowed`` (True is not 1)."""
+    is_bool = isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)
+    _check(value in allowed and not is_bool, f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     """Raise ConfigError naming ``name`` unless ``value`` is > 0 (or >= 0 with allow_zero)."""
     ok = value >= 0 if allow_zero else value > 0
     _check(ok, f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is an int (not a bool) in [low, high].
+
+    Model sizes are bounded so that a typo (2**30 hidden units, 10**6 layers) is an error message,
+    not minutes of allocation or an out-of-memory kill.
+    """
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{name}={value!r} must be an integer in [{low}, {high}]")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is True or False (not 0/1, not 'yes')."""
+    _check(isinstance(value, bool), f"{name}={value!r} must be true or false")
 
 
 def check_prob(name: str, value: float) -> None:
@@ -108,6 +124,10 @@ class ConfigBase:
 # --------------------------------------------------------------------------------------------
 
 
+# The largest ruDALL-E (Kandinsky) has 12B parameters; a config far beyond is a typo, not a model.
+MAX_MODEL_PARAMETERS = 200 * 10**9
+
+
 @dataclasses.dataclass
 class DalleConfig(ConfigBase):
     """The ruDALL-E transformer (``research/reference.md`` §1).
@@ -139,10 +159,12 @@ class DalleConfig(ConfigBase):
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "text_seq_length",
-                     "image_tokens_per_dim", "vocab_size", "image_vocab_size", "mlp_ratio"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        for name, high in (("num_layers", 512), ("hidden_size", 32768), ("num_attention_heads", 1024),
+                           ("text_seq_length", 8192), ("image_tokens_per_dim", 256), ("vocab_size", 1 << 22),
+                           ("image_vocab_size", 1 << 20), ("mlp_ratio", 64)):
+            check_int(name, getattr(self, name), 1, high)
+        for name in ("cogview_sandwich_layernorm", "cogview_pb_relax", "v3_reference_loss"):
+            check_bool(name, getattr(self, name))
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}")
         for name in ("embedding_dropout_prob", "attention_dropout_prob", "output_dropout_prob"):
@@ -154,6 +176,9 @@ class DalleConfig(ConfigBase):
         _check(self.vocab_size > self.text_seq_length,
                f"vocab_size={self.vocab_size} must exceed text_seq_length={self.text_seq_length} "
                "(the last text_seq_length rows are the position-specific pad ids)")
+        _check(self.num_parameters() <= MAX_MODEL_PARAMETERS,
+               f"this DalleConfig has {self.num_parameters() / 1e9:.0f}B parameters, more than "
+               f"{MAX_MODEL_PARAMETERS / 1e9:.0f}B: check num_layers / hidden_size")
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -223,22 +248,22 @@ class ClipConfig(ConfigBase):
     std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
-                     "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   f"{name}={getattr(self, name)!r} must be a positive integer")
+        for name, high in (("embed_dim", 16384), ("image_resolution", 4096), ("vision_layers", 256),
+                           ("vision_width", 16384), ("vision_patch_size", 1024), ("context_length", 8192),
+                           ("vocab_size", 1 << 22), ("transformer_width", 16384), ("transformer_heads", 1024),
+                           ("transformer_layers", 256)):
+            check_int(name, getattr(self, name), 1, high)
         _check(self.image_resolution % self.vision_patch_size == 0,
                f"image_resolution={self.image_resolution} must be divisible by "
                f"vision_patch_size={self.vision_patch_size}")
-        _check(isinstance(self.vision_heads, int) and self.vision_heads >= 0,
-               f"vision_heads={self.vision_heads!r} must be an integer >= 0 (0 = vision_width // 64)")
+        check_int("vision_heads", self.vision_heads, 0, 1024)  # 0 = vision_width // 64
         _check(self.num_vision_heads > 0 and self.vision_width % self.num_vision_heads == 0,
                f"vision_width={self.vision_width} must be divisible by the vision head count {self.num_vision_heads} "
                "(set vision_heads, or use a width that is a multiple of 64)")
         _check(self.transformer_width % self.transformer_heads == 0,
                f"transformer_width={self.transformer_width} must be divisible by "
                f"transformer_heads={self.transformer_heads}")
-        _check(0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} must lie in [0, vocab_size)")
+        check_int("eos_id", self.eos_id, 0, self.vocab_size - 1)
         for name in ("mean", "std"):
             value = tuple(getattr(self, name))
             _check(len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
@@ -296,12 +321,14 @@ class VQGANConfig(ConfigBase):
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
-        for name in ("ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch",
-                     "n_embed", "embed_dim", "norm_groups"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   f"{name}={getattr(self, name)!r} must be a positive integer")
-        _check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
-               f"ch_mult={self.ch_mult!r} must be a non-empty list of positive integers")
+        for name, high in (("ch", 4096), ("num_res_blocks", 64), ("z_channels", 16384), ("resolution", 16384),
+                           ("in_channels", 16), ("out_ch", 16), ("n_embed", 1 << 20), ("embed_dim", 16384),
+                           ("norm_groups", 4096)):
+            check_int(name, getattr(self, name), 1, high)
+        _check(1 <= len(self.ch_mult) <= 12 and all(isinstance(m, int) and not isinstance(m, bool) and 0 < m <= 64
+                                                     for m in self.ch_mult),
+               f"ch_mult={self.ch_mult!r} must be 1 to 12 integers in [1, 64]")
+        check_bool("double_z", self.double_z)
         for m in (1, *self.ch_mult):
             _check((self.ch * m) % self.norm_groups == 0,
                    f"ch={self.ch} x ch_mult {m} is not divisible by norm_groups={self.norm_groups} (GroupNorm)")
@@ -375,11 +402,12 @@ class TrainConfig(ConfigBase):
         check_choice("optimizer", self.optimizer, ("adamw", "adam", "sgd"))
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "loss_scale_window"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   f"{name}={getattr(self, name)!r} must be a positive integer")
+            check_int(name, getattr(self, name), 1, 10**12)
         for name in ("warmup_steps", "save_every", "sample_every", "num_threads", "seed"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
-                   f"{name}={getattr(self, name)!r} must be an integer >= 0")
+            check_int(name, getattr(self, name), 0, 2**63 - 1)
+        for name in ("gradient_checkpointing", "tensorboard", "fsdp_reshard_after_forward",
+                     "ddp_find_unused_parameters", "ddp_broadcast_buffers"):
+            check_bool(name, getattr(self, name))
         check_positive("lr", self.lr)
         check_prob("min_lr_ratio", self.min_lr_ratio)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
@@ -512,11 +540,9 @@ class SuperResConfig(ConfigBase):
     scale: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("num_in_ch", "num_out_ch", "num_feat", "num_grow_ch"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   f"{name}={getattr(self, name)!r} must be a positive integer")
-        _check(isinstance(self.num_block, int) and self.num_block >= 0,
-               f"num_block={self.num_block!r} must be an integer >= 0")
+        for name, high in (("num_in_ch", 16), ("num_out_ch", 16), ("num_feat", 4096), ("num_grow_ch", 4096)):
+            check_int(name, getattr(self, name), 1, high)
+        check_int("num_block", self.num_block, 0, 1024)
         check_choice("scale", self.scale, SUPERRES_SCALES)
 
 
@@ -550,6 +576,7 @@ class SuperResTrainConfig(TrainConfig):
     num_block: int = 23
     num_grow_ch: int = 32
     hr_size: int = 128
+    image_size: int = 0
     degradation: str = "auto"
     vqgan: str = ""
     classic_prob: float = 0.0
@@ -561,12 +588,13 @@ class SuperResTrainConfig(TrainConfig):
         super().__post_init__()
         check_choice("scale", self.scale, SUPERRES_SCALES)
         check_choice("degradation", self.degradation, SUPERRES_DEGRADATIONS)
-    image_size: int = 0
         _check(self.degradation != "vqgan" or bool(self.vqgan), "degradation='vqgan' needs vqgan=<VQGAN directory>")
         for name in ("num_feat", "num_grow_ch", "hr_size"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                    f"{name}={getattr(self, name)!r} must be a positive integer")
         _check(isinstance(self.num_block, int) and self.num_block >= 0, f"num_block={self.num_block!r} must be >= 0")
+        _check(isinstance(self.image_size, int) and (self.image_size == 0 or self.image_size >= self.hr_size),
+               f"image_size={self.image_size!r} must be 0 (= hr_size) or an integer >= hr_size={self.hr_size}")
         unit = self.scale * {1: 4, 2: 2}.get(self.scale, 1)
         _check(self.hr_size % unit == 0, f"hr_size={self.hr_size} must be a multiple of {unit} for scale={self.scale}")
         check_prob("classic_prob", self.classic_prob)
@@ -578,8 +606,6 @@ class SuperResTrainConfig(TrainConfig):
         _check(self.jpeg_quality[1] <= 100, f"jpeg_quality={self.jpeg_quality!r}: qualities lie in [1, 100]")
 
 
-        _check(isinstance(self.image_size, int) and (self.image_size == 0 or self.image_size >= self.hr_size),
-               f"image_size={self.image_size!r} must be 0 (= hr_size) or an integer >= hr_size={self.hr_size}")
 # --------------------------------------------------------------------------------------------
 # Text tokenizer
 # --------------------------------------------------------------------------------------------
@@ -850,6 +876,8 @@ class DataConfig(ConfigBase):
     none). ``split`` selects rows of built sets / tables: train, test (every held-out split),
     test_concept, test_style or all. ``langs``: caption languages; each image yields one sample per
     language it has. ``crop``: center, random (seeded per epoch) or pad (letterbox on white).
+    ``require_captions``: False keeps images that have no caption at all (image-only stages); an
+    empty caption is a caption (kept as ``""``) either way.
     """
 
     sources: tuple[str, ...] = ("data/emoji", "data/tuxpaint")
@@ -859,10 +887,9 @@ class DataConfig(ConfigBase):
     split: str = "train"
     seed: int = 0
     max_pixels: int = 8192 * 8192
+    require_captions: bool = True
 
     def __post_init__(self) -> None:
-    ``require_captions``: False keeps images that have no caption at all (image-only stages); an
-    empty caption is a caption (kept as ``""``) either way.
         if isinstance(self.sources, str):
             self.sources = (self.sources,)
         if isinstance(self.langs, str):
@@ -872,13 +899,14 @@ class DataConfig(ConfigBase):
                f"sources={self.sources!r} must be a non-empty list of paths")
         _check(len(self.langs) > 0 and all(isinstance(s, str) and s for s in self.langs),
                f"langs={self.langs!r} must be a non-empty list of language codes, e.g. ['ru', 'en']")
-    require_captions: bool = True
         _check(isinstance(self.image_size, int) and self.image_size >= 8,
                f"image_size={self.image_size!r} must be an integer >= 8")
         check_choice("crop", self.crop, ("center", "random", "pad"))
         check_choice("split", self.split, ("train", "test", "test_concept", "test_style", "all"))
         _check(isinstance(self.max_pixels, int) and not isinstance(self.max_pixels, bool) and self.max_pixels > 0,
                f"max_pixels={self.max_pixels!r} must be a positive integer")
+        _check(isinstance(self.require_captions, bool),
+               f"require_captions={self.require_captions!r} must be true or false")
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,8 +918,6 @@ class DataConfig(ConfigBase):
 class EvalConfig(ConfigBase):
     """Settings of ``holst eval``; each report records them so numbers are compared like with like.
 
-        _check(isinstance(self.require_captions, bool),
-               f"require_captions={self.require_captions!r} must be true or false")
     ``split``: held-out rows of the dataset folder (test = test_concept + test_style).
     ``lang``: caption language ('ru', 'en'; 'both' only for the dalle report). ``num_captions`` held-out
     captions (0 = all) x ``num_images`` images each for the pipeline / shapes reports.

@@ -155,9 +155,13 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict:
     unexpected = sorted(set(state) - set(expected))
     bad_shape = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                        for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    bad_dtype = sorted(f"{k}: file {state[k].dtype} vs model {expected[k].dtype}"
+                       for k in set(state) & set(expected) if not _dtype_fits(state[k].dtype, expected[k].dtype))
     problems = []
     if bad_shape:
         problems.append(f"mis-shaped keys: {bad_shape}")
+    if bad_dtype:
+        problems.append(f"keys of the wrong kind of dtype: {bad_dtype[:10]}{' ...' if len(bad_dtype) > 10 else ''}")
     if strict and missing:
         problems.append(f"missing keys: {missing}")
     if strict and unexpected:
@@ -169,6 +173,16 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict:
     model.load_state_dict(state, strict=strict, assign=True)
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_fits(file: torch.dtype, model: torch.dtype) -> bool:
+    """Floating weights load from fp16 / bf16 / fp32 / fp64 (not int8, fp8, bool); integer buffers from integers."""
+    if model.is_floating_point:
+        return file in WEIGHT_DTYPES
+    return not file.is_floating_point and not file.is_complex
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
