@@ -63,9 +63,9 @@ from holst.utils.runtime import get_logger
 
 log = get_logger("holst.train")
 
-
 # DeepSpeed writes a file named 'latest' holding the newest tag, so the tag itself must differ.
 DEEPSPEED_TAG = "holst"
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -297,6 +297,11 @@ class Engine:
                                                        model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad])
         self._prepared.append(engine)
+        # ZeRO 1-3 wrap the optimizer in an object that is not a torch Optimizer (LambdaLR refuses it);
+        # the wrapper steps the inner one, whose param groups (the learning rates) it shares.
+        while not isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "optimizer", None),
+                                                                             torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
         return engine, optimizer
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -324,11 +329,6 @@ class Engine:
             model.require_backward_grad_sync = enabled
         elif hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(enabled)
-        # ZeRO 1-3 wrap the optimizer in an object that is not a torch Optimizer (LambdaLR refuses it);
-        # the wrapper steps the inner one, whose param groups (the learning rates) it shares.
-        while not isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "optimizer", None),
-                                                                             torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any = None,
              model: nn.Module | None = None) -> bool:
