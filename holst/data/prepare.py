@@ -17,7 +17,7 @@ import torch
 
 from holst.data.codes import write_code_shard
 from holst.data.images import BadSample, DataReport, image_to_tensor, resize_crop
-from holst.data.loaders import WebDatasetShards, _MapDataset, open_dataset
+from holst.data.loaders import ImageCaptionDataset, WebDatasetShards, open_dataset
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.data.prepare")
@@ -28,7 +28,7 @@ def iter_images(dataset, report: DataReport, skip: int = 0) -> Iterator[tuple[to
 
     ``skip`` records are passed over without decoding (resuming after complete shards).
     """
-    if isinstance(dataset, _MapDataset):
+    if isinstance(dataset, ImageCaptionDataset):
         from holst.data.images import decode_image
 
         for path, captions, key in dataset.records[skip:]:
@@ -123,14 +123,14 @@ def prepare_codes(dataset, encoder, out: str | Path, *, langs: Sequence[str], ba
 
     records_seen = done
     for image, captions, key in iter_images(dataset, report, skip=done):
-        records_seen = done + report.read if isinstance(dataset, _MapDataset) else records_seen + 1
+        records_seen = done + report.read if isinstance(dataset, ImageCaptionDataset) else records_seen + 1
         batch.append(image)
         pending_meta.append((captions, key))
         if len(batch) >= batch_size:
             encode_batch()
         if len(buf_keys) + len(batch) >= shard_size:
             write_shard(records_seen)
-    if isinstance(dataset, _MapDataset):
+    if isinstance(dataset, ImageCaptionDataset):
         records_seen = done + report.read
     write_shard(records_seen)
     index = {"shards": entries, "images": sum(e["count"] for e in entries), "langs": list(langs),

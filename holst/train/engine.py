@@ -364,14 +364,18 @@ class Engine:
             self._set_grad_sync(m, next_is_last)
         if not boundary:
             return False
-        applied = self._optimizer_step(optimizer)
+        applied = self._count_step(self._optimizer_step(optimizer), scheduler)
+        optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def _count_step(self, applied: bool, scheduler: Any) -> bool:
+        """Count an applied (then step the schedule) or a skipped optimizer step."""
         if applied:
             self.applied_steps += 1
             if scheduler is not None:
                 scheduler.step()
         else:
             self.skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
         return applied
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -408,13 +412,7 @@ class Engine:
         ds.step()
         if not boundary:
             return False
-        applied = getattr(ds, "skipped_steps", 0) == skipped_before
-        if applied:
-            self.applied_steps += 1
-            if scheduler is not None:
-                scheduler.step()
-        else:
-            self.skipped_steps += 1
+        applied = self._count_step(getattr(ds, "skipped_steps", 0) == skipped_before, scheduler)
         norm = ds.get_global_grad_norm() if hasattr(ds, "get_global_grad_norm") else None
         self.last_grad_norm = float(norm) if norm is not None else None
         return applied

@@ -188,11 +188,11 @@ class TrainRun:
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
 
-    def log(self, step: int, metrics: dict[str, Any] | Callable[[], dict[str, Any]]) -> bool:
-        """Log ``metrics`` (a dict or a callable making one) every ``log_every`` steps and at the end."""
+    def log(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Log ``metrics`` every ``log_every`` steps and at the last step; True when it logged."""
         if not self.should_log(step):
             return False
-        self.engine.log(step, metrics() if callable(metrics) else metrics, total=self.cfg.max_steps)
+        self.engine.log(step, metrics, total=self.cfg.max_steps)
         return True
 
     def finish(self, model: nn.Module, *, data: dict[str, Any], last_loss: Any = None,
