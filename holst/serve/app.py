@@ -1,622 +1,552 @@
 """``holst serve``: an HTTP API, a stream of progressive previews and a web page over one pipeline.
 
-Stack: the standard library's ``ThreadingHTTPServer`` (one thread per connection, zero extra
-dependencies); the OpenAPI document is written by ``schemas.py`` from the same field table that
-validates requests. One worker thread owns the pipeline: requests that arrive within
-``batch_window_ms`` of each other and share sampling settings are sampled as one batch.
+Stack: FastAPI (Starlette) on uvicorn, with uvicorn's h11 protocol wrapped by
+:mod:`holst.serve.guard` (request-header deadline, per-address connection caps). Request and
+reply models are pydantic (:mod:`holst.serve.schemas`); ``/openapi.json`` is generated from them.
+Bodies are read here with a size cap and a deadline and parsed with depth and digit limits before
+pydantic sees them. One worker thread owns the pipeline (:mod:`holst.serve.worker`): requests that
+arrive within ``batch_window_ms`` and share sampling settings are sampled as one batch, off the
+event loop, so ``/health`` answers while a batch runs.
 
 Endpoints: ``GET /`` (page), ``GET /health``, ``GET /openapi.json``, ``POST /v1/generate`` (JSON in,
 JSON or PNG out), ``POST /v1/generate/stream`` (server-sent events), ``GET /v1/images/{id}.png``.
-Limits: body size, prompt length, images per request, upscale factor, open connections, and a
-bounded queue answered with 503 + Retry-After. Binding anywhere but loopback needs a bearer token.
+Every refusal is JSON ``{"error": ..., "status": ...}``. Binding anywhere but loopback needs a
+bearer token.
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import base64
-import collections
+import binascii
+import contextlib
 import dataclasses
 import hmac
 import io
 import json
 import os
-import secrets
+import re
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response, StreamingResponse
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from holst.config import ServeConfig
-from holst.serve.schemas import GenerateRequest, RequestError, openapi_schema, parse_generate_request
-from holst.utils.images import make_grid
+from holst.serve.guard import ConnectionStats, HolstUvicornConfig
+from holst.serve.schemas import (
+    ErrorReply,
+    GenerateRequestBase,
+    GenerateResult,
+    Health,
+    RequestError,
+    dumps,
+    parse_json_body,
+    request_model,
+    validate_request,
+)
+from holst.serve.worker import BatchWorker, ImageStore, Job, QueueFull, png_bytes
 from holst.utils.runtime import get_logger
+
+__all__ = ["HolstServer", "create_app", "make_server", "png_bytes"]
 
 logger = get_logger("holst.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+MAX_IMAGE_PROMPT_PIXELS = 4096 * 4096
 
 
-class QueueFull(Exception):
-    """The job queue holds ``max_queue`` jobs; the client should retry later (503)."""
+class Reply(Response):
+    """JSON reply whose encoding cannot fail (see :func:`holst.serve.schemas.dumps`)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """Encode one PIL image as PNG bytes (deterministic, no metadata)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def error_reply(status: int, message: str, config: ServeConfig, headers: dict[str, str] | None = None) -> Reply:
+    """The one shape of every refusal, with the headers its status calls for."""
+    headers = {"Cache-Control": "no-store", **(headers or {})}
+    if status == 503:
+        headers["Retry-After"] = str(config.retry_after_s)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status in (408, 413):  # the rest of the body may still be on the wire
+        headers["Connection"] = "close"
+    return Reply({"error": message, "status": status}, status_code=status, headers=headers)
 
 
-# --------------------------------------------------------------------------------------------
-# Jobs, the bounded queue and the batching worker
-# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AppState:
+    """What the routes share: the pipeline, its worker and queue, stored images and counters."""
+
+    pipe: Any
+    config: ServeConfig
+    store: ImageStore
+    worker: BatchWorker
+    model: type[GenerateRequestBase]
+    stats: ConnectionStats
+    started: float = dataclasses.field(default_factory=time.time)
+    requests_served: int = 0
+    rejected_busy: int = 0
 
 
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One request on its way through the queue. ``events`` (streaming only) receives (name, data)."""
+class _Counting:
+    """Pure ASGI middleware: count replies (503s separately) and add ``X-Content-Type-Options``."""
 
-    request: GenerateRequest
-    settings: Any  # holst.pipeline.SamplingSettings
-    seeds: list[int]
-    events: collections.deque | None = None
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    wake: threading.Condition = dataclasses.field(default_factory=threading.Condition)
-    result: dict[str, Any] | None = None
-    best_png: bytes | None = None
-    error: RequestError | None = None
-    cancelled: bool = False
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    created: float = dataclasses.field(default_factory=time.monotonic)
+    def __init__(self, app: Any, state: AppState) -> None:
+        self.app = app
+        self.state = state
 
-    def emit(self, name: str, data: dict[str, Any]) -> None:
-        """Queue an event for a streaming client (no-op for plain requests)."""
-        if self.events is None:
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        with self.wake:
-            self.events.append((name, data))
-            self.wake.notify_all()
 
-    def finish(self) -> None:
-        with self.wake:
-            self.done.set()
-            self.wake.notify_all()
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.state.requests_served += 1
+                self.state.rejected_busy += message["status"] == 503
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
 
-
-class ImageStore:
-    """The last ``capacity`` images as PNG bytes under unguessable ids (bounded memory)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, data: bytes) -> str:
-        key = secrets.token_urlsafe(16)
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return key
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            return self._items.get(key)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        await self.app(scope, receive, counted)
 
 
-class BatchWorker:
-    """Owns the pipeline; groups queued jobs with equal sampling settings into device batches."""
+# --------------------------------------------------------------------------------------------
+# Reading requests
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, pipe: Any, config: ServeConfig, store: ImageStore) -> None:
-        self.pipe = pipe
-        self.config = config
-        self.store = store
-        self._queue: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._stop = False
-        self.busy = False
-        self.batches_run = 0
-        self.images_made = 0
-        self._thread = threading.Thread(target=self._loop, name="holst-batch-worker", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+def check_token(request: Request, config: ServeConfig) -> None:
+    """Raise 401 unless the request carries ``Authorization: Bearer <token>`` (when a token is set)."""
+    if config.token is None:
+        return
+    given = request.headers.get("authorization", "")
+    ok = given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode("utf-8", "surrogateescape"),
+                                                             config.token.encode())
+    if not ok:
+        raise RequestError(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout=10)
 
-    def depth(self) -> int:
-        with self._cond:
-            return len(self._queue)
+async def read_body(request: Request, config: ServeConfig) -> bytes:
+    """The body, at most ``max_body_bytes``, within ``body_timeout_s``; RequestError 400/408/413 otherwise."""
+    limit = config.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or len(length) > 18:
+            raise RequestError(400 if not length.isdigit() else 413, f"Content-Length {length[:40]!r} is not valid")
+        if int(length) > limit:
+            raise RequestError(413, f"body of {length} bytes; this server accepts at most {limit}")
 
-    def submit(self, job: Job) -> int:
-        """Queue a job; returns its position (0 = next). Raises QueueFull at ``max_queue`` jobs."""
-        with self._cond:
-            if len(self._queue) >= self.config.max_queue:
-                raise QueueFull()
-            self._queue.append(job)
-            self._cond.notify_all()
-            return len(self._queue) - 1
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body over {limit} bytes; this server accepts at most {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-    # ------------------------------------------------------------------ the loop
-    def _next_batch(self) -> list[Job] | None:
-        """Block for a first job, wait ``batch_window_ms`` for others, take the compatible ones."""
-        with self._cond:
-            while not self._queue and not self._stop:
-                self._cond.wait()
-            if self._stop:
-                return None
-            deadline = time.monotonic() + self.config.batch_window_ms / 1000.0
-            while time.monotonic() < deadline and not self._stop:
-                if self._images_compatible(self._queue[0]) >= self.config.max_batch_images:
-                    break
-                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
-            first = self._queue.popleft()
-            batch, total = [first], first.settings.num_images
-            key = first.settings.batch_key()
-            for job in list(self._queue):
-                n = job.settings.num_images
-                if job.settings.batch_key() == key and total + n <= self.config.max_batch_images:
-                    self._queue.remove(job)
-                    batch.append(job)
-                    total += n
-            return batch
+    try:
+        return await asyncio.wait_for(collect(), timeout=config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"request body not complete within {config.body_timeout_s} s") from None
+    except ClientDisconnect:
+        raise RequestError(400, "the client went away while sending the body") from None
 
-    def _images_compatible(self, first: Job) -> int:
-        key = first.settings.batch_key()
-        return sum(j.settings.num_images for j in self._queue if j.settings.batch_key() == key)
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            batch = [j for j in batch if not j.cancelled]
-            if not batch:
-                continue
-            self.busy = True
-            try:
-                self._run(batch)
-            except Exception as e:  # one bad batch must not kill the server
-                logger.exception("batch of %d jobs failed", len(batch))
-                for job in batch:
-                    if not job.done.is_set():
-                        job.error = RequestError(500, f"generation failed: {type(e).__name__}: {e}")
-                        job.finish()
-            finally:
-                self.busy = False
+def decode_image_prompt(text: str) -> Image.Image:
+    """A base64 PNG/JPEG (optionally a data: URL) -> RGB image; RequestError 422 naming the field."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ("PNG", "JPEG", "WEBP"):
+            raise ValueError(f"format {image.format} (send PNG, JPEG or WebP)")
+        if image.width * image.height > MAX_IMAGE_PROMPT_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} pixels is too large")
+        return image.convert("RGB")
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as e:
+        raise RequestError(422, f"field 'image_prompt' is not a readable base64 image: {e}") from None
 
-    @torch.inference_mode()
-    def _run(self, batch: list[Job]) -> None:
-        pipe, cfg = self.pipe, self.config
-        for job in batch:
-            job.emit("started", {"batch_jobs": len(batch), "batch_images": sum(j.settings.num_images for j in batch)})
-        # 1. one text-ids row and one seed per image, over every job of the batch
-        text_ids = torch.cat([pipe.encode_prompts([j.request.prompt], warn=False).expand(j.settings.num_images, -1)
-                              for j in batch])
-        seeds = [s for j in batch for s in j.seeds]
-        owners = [(j, i) for j in batch for i in range(j.settings.num_images)]  # image row -> (job, index)
-        N = pipe.dalle.config.image_seq_length
+
+async def make_job(state: AppState, request: GenerateRequestBase, stream: bool) -> Job:
+    """Resolve settings and seeds (422 for what the pipeline refuses) into a queueable job."""
+    from holst.pipeline import make_seeds
+
+    pipe, config = state.pipe, state.config
+    try:
+        settings = pipe.resolve_settings(num_images=request.num_images, top_k=request.top_k, top_p=request.top_p,
+                                         temperature=request.temperature, guidance_scale=request.guidance_scale,
+                                         rerank=request.rerank, upscale=request.upscale, batch_size=None)
+        messages = pipe.check_prompts([request.prompt])
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
+    if settings.num_images > config.max_images_per_request:
+        raise RequestError(422, f"num_images={settings.num_images} exceeds this server's "
+                                f"{config.max_images_per_request}")
+    image_prompt = None
+    if request.image_prompt is not None:
         D = pipe.dalle.config.image_tokens_per_dim
-        every = cfg.preview_every or D
-        settings = dataclasses.replace(batch[0].settings, batch_size=cfg.max_batch_images)
-        # 2. sample in device batches of at most max_batch_images rows; previews to streaming jobs
-        chunks = []
-        for start in range(0, len(seeds), cfg.max_batch_images):
-            end = min(start + cfg.max_batch_images, len(seeds))
+        rows = request.image_prompt_rows if request.image_prompt_rows is not None else D // 2
+        if rows >= D:
+            raise RequestError(422, f"field 'image_prompt_rows'={rows} must be < {D} (the model's rows of codes)")
+        image_prompt = (await run_in_threadpool(decode_image_prompt, request.image_prompt), rows)
+    return Job(request=request, settings=settings, seeds=make_seeds(settings.num_images, seed=request.seed),
+               loop=asyncio.get_running_loop(), stream=stream, image_prompt=image_prompt, warnings=messages)
 
-            def progress(step: int, total: int, codes_so_far: torch.Tensor, _start: int = start) -> None:
-                if step % every and step != N:
-                    return
-                self._send_previews(owners, _start, step, N, codes_so_far)
 
-            chunks.append(pipe.sample_codes(text_ids[start:end], seeds[start:end], settings, progress=progress))
-        codes = torch.cat([c for c, _ in chunks])
-        ppl = torch.cat([p for _, p in chunks])
-        self.batches_run += 1
-        # 3. per job: decode, rank, upscale, store PNGs, answer
-        row = 0
-        for job in batch:
-            n = job.settings.num_images
-            out = pipe.finish(job.request.prompt, codes[row:row + n], job.seeds, job.settings,
-                              perplexities=ppl[row:row + n])
-            row += n
-            self._answer(job, out)
-            self.images_made += len(out.images)
-
-    def _send_previews(self, owners: list[tuple[Job, int]], start: int, step: int, total: int,
-                       codes_so_far: torch.Tensor) -> None:
-        rows = [r for r in range(codes_so_far.shape[0]) if owners[start + r][0].events is not None
-                and not owners[start + r][0].cancelled]
-        if not rows:
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client hangs up (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             return
-        previews = self.pipe.preview(codes_so_far[rows])
-        by_job: dict[Job, list[dict[str, Any]]] = collections.defaultdict(list)
-        for r, image in zip(rows, previews):
-            job, index = owners[start + r]
-            url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
-            by_job[job].append({"index": index, "data_url": url})
-        for job, items in by_job.items():
-            job.emit("preview", {"step": step, "total": total, "images": items})
 
-    def _answer(self, job: Job, out: Any) -> None:
-        images = []
-        pngs = [png_bytes(im) for im in out.images]
-        for i, data in enumerate(pngs):
-            key = self.store.put(data)
-            images.append({"url": f"/v1/images/{key}.png", "seed": out.seeds[i], "perplexity": out.perplexities[i],
-                           "clip_score": None if out.clip_scores is None else out.clip_scores[i],
-                           "width": out.images[i].width, "height": out.images[i].height})
-        grid_key = self.store.put(png_bytes(make_grid(out.images))) if len(out.images) > 1 else None
-        job.best_png = pngs[0]
-        job.result = {"id": secrets.token_hex(8), "prompt": job.request.prompt, "settings": out.settings,
-                      "images": images, "grid_url": f"/v1/images/{grid_key}.png" if grid_key else images[0]["url"],
-                      "warnings": job.warnings, "elapsed_s": round(time.monotonic() - job.created, 4)}
-        job.emit("result", job.result)
-        job.finish()
+
+async def next_event(job: Job) -> tuple[str, Any]:
+    return await job.events.get()
 
 
 # --------------------------------------------------------------------------------------------
-# HTTP
+# The app
 # --------------------------------------------------------------------------------------------
 
+ERRORS = {400: "body is not a JSON object", 401: "missing or wrong bearer token", 408: "body too slow",
+          413: "body too large", 422: "a field is invalid (the message names it)",
+          503: "the queue is full; retry after the Retry-After header's seconds"}
 
-class HolstServer(ThreadingHTTPServer):
-    """A threading HTTP server with a connection cap and the app's shared state."""
 
-    daemon_threads = True
-    request_queue_size = 256  # listen backlog: 50+ clients connecting at once must not be dropped
+def create_app(pipe: Any, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app over ``pipe``; its worker thread starts and stops with the app's lifespan.
 
-    def __init__(self, address: tuple[str, int], pipe: Any, config: ServeConfig) -> None:
-        self.config = config
-        self.pipe = pipe
-        self.store = ImageStore(config.max_stored_images)
-        self.worker = BatchWorker(pipe, config, self.store)
-        self.connections = threading.BoundedSemaphore(config.max_connections)
-        self.started = time.time()
-        self.requests_served = 0
-        self.rejected_busy = 0
-        self.open_connections = 0
-        self._count_lock = threading.Lock()
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
-        super().__init__(address, Handler)
-        self.worker.start()
+    Args:
+        pipe: a loaded ``Text2ImagePipeline``.
+        config: limits, batching, token (default ``ServeConfig()``).
+    Returns:
+        the app; ``app.state.holst`` is its :class:`AppState`.
+    """
+    import holst
 
-    def process_request(self, request, client_address) -> None:
-        # Over max_connections: answer 503 at once instead of spawning another thread.
-        if not self.connections.acquire(blocking=False):
-            try:
-                body = json.dumps({"error": "too many open connections", "status": 503}).encode()
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (self.config.retry_after_s, len(body), body))
-            except OSError:
-                pass
-            with self._count_lock:
-                self.rejected_busy += 1
-            self.shutdown_request(request)
-            return
-        with self._count_lock:
-            self.open_connections += 1
-        super().process_request(request, client_address)
+    config = config or ServeConfig()
+    store = ImageStore(config.max_stored_images)
+    state = AppState(pipe=pipe, config=config, store=store, worker=BatchWorker(pipe, config, store),
+                     model=request_model(config), stats=ConnectionStats())
 
-    def process_request_thread(self, request, client_address) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        state.worker.start()
         try:
-            super().process_request_thread(request, client_address)
+            yield {"holst_stats": state.stats}  # the connection guard counts into it
         finally:
-            with self._count_lock:
-                self.open_connections -= 1
-            self.connections.release()
+            await run_in_threadpool(state.worker.stop)
 
-    def server_close(self) -> None:
-        self.worker.stop()
-        super().server_close()
+    app = FastAPI(title="holst text-to-image", version=holst.__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url="/openapi.json", default_response_class=Reply,
+                  description="Generate images from captions. Requests that arrive together share one batch.")
+    app.state.holst = state
+    app.add_middleware(_Counting, state=state)
+    err = {code: {"model": ErrorReply, "description": text} for code, text in ERRORS.items()}
+    body_schema = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}}
 
-    def count(self, busy: bool = False) -> None:
-        with self._count_lock:
-            self.requests_served += 1
-            if busy:
-                self.rejected_busy += 1
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> Reply:
+        return error_reply(e.status, e.message, config)
 
-
-class Handler(BaseHTTPRequestHandler):
-    """Routes requests; every answer is JSON except the page, PNGs and event streams."""
-
-    server: HolstServer
-    server_version = "holst"
-    protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds a client may take to send its request (slow clients cannot hold threads forever)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        logger.debug("%s %s", self.address_string(), format % args)
-
-    # ------------------------------------------------------------------ helpers
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
-                   headers)
-
-    def _error(self, error: RequestError) -> None:
-        headers = {}
-        if error.status == 503:
-            headers["Retry-After"] = str(self.server.config.retry_after_s)
-        if error.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        if error.status in (400, 411, 413) or (self.command == "POST" and not getattr(self, "_body_read", False)):
-            # The body (or the rest of it) may still be on the wire: it must not be read as the next request.
-            headers["Connection"] = "close"
-            self.close_connection = True
-        self._json(error.status, {"error": error.message, "status": error.status}, headers)
-        self.server.count(busy=error.status == 503)
-
-    def _check_token(self) -> None:
-        token = self.server.config.token
-        if token is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), token.encode()):
-            raise RequestError(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
-
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError(411, "Content-Length is required")
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(400, f"Content-Length {length!r} is not an integer") from None
-        if n < 0 or n > self.server.config.max_body_bytes:
-            raise RequestError(413, f"body of {n} bytes; this server accepts at most "
-                                    f"{self.server.config.max_body_bytes}")
-        body = self.rfile.read(n)
-        self._body_read = True
-        return body
-
-    # ------------------------------------------------------------------ routes
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        try:
-            if path in ("/", "/index.html"):
-                self._static("index.html")
-            elif path.startswith("/static/"):
-                self._static(path[len("/static/"):])
-            elif path == "/health":
-                self._json(200, self._health())
-            elif path == "/openapi.json":
-                import holst
-
-                self._json(200, openapi_schema(self.server.config, holst.__version__))
-            elif path.startswith("/v1/images/") and path.endswith(".png"):
-                data = self.server.store.get(path[len("/v1/images/"):-len(".png")])
-                if data is None:
-                    raise RequestError(404, "unknown or expired image id (the server keeps the most recent "
-                                            f"{self.server.config.max_stored_images} images)")
-                self._send(200, data, "image/png", {"Cache-Control": "private, max-age=3600"})
-            else:
-                raise RequestError(404, f"no route GET {path}; see /openapi.json")
-            self.server.count()
-        except RequestError as e:
-            self._error(e)
-
-    def do_POST(self) -> None:
-        path = urlsplit(self.path).path
-        self._body_read = False
-        try:
-            if path not in ("/v1/generate", "/v1/generate/stream"):
-                raise RequestError(404, f"no route POST {path}; see /openapi.json")
-            self._check_token()
-            request = parse_generate_request(self._read_body(), self.server.config)
-            job = self._make_job(request, stream=path.endswith("/stream"))
-            try:
-                position = self.server.worker.submit(job)
-            except QueueFull:
-                raise RequestError(503, f"the queue is full ({self.server.config.max_queue} requests); "
-                                        f"retry after {self.server.config.retry_after_s} s") from None
-            if job.events is not None:
-                self._stream(job, position)
-            else:
-                self._wait_and_answer(job)
-            self.server.count()
-        except RequestError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    def _make_job(self, request: GenerateRequest, stream: bool) -> Job:
-        from holst.pipeline import make_seeds
-
-        pipe = self.server.pipe
-        try:
-            settings = pipe.resolve_settings(num_images=request.num_images, top_k=request.top_k, top_p=request.top_p,
-                                             temperature=request.temperature, guidance_scale=request.guidance_scale,
-                                             rerank=request.rerank, upscale=request.upscale, batch_size=None)
-            messages = pipe.check_prompts([request.prompt])  # empty captions fail here, before queueing
-        except ValueError as e:
-            raise RequestError(422, str(e)) from None
-        if settings.num_images > self.server.config.max_images_per_request:
-            raise RequestError(422, f"num_images={settings.num_images} exceeds this server's "
-                                    f"{self.server.config.max_images_per_request}")
-        seeds = make_seeds(settings.num_images, seed=request.seed)
-        return Job(request=request, settings=settings, seeds=seeds, events=collections.deque() if stream else None,
-                   warnings=messages)
-
-    def _wait_and_answer(self, job: Job) -> None:
-        if not job.done.wait(timeout=self.server.config.request_timeout_s):
-            job.cancelled = True
-            raise RequestError(504, f"not finished within {self.server.config.request_timeout_s} s")
-        if job.error is not None:
-            raise job.error
-        accept = self.headers.get("Accept", "")
-        if "image/png" in accept and "application/json" not in accept:
-            best = job.result["images"][0]
-            self._send(200, job.best_png, "image/png", {"X-Seed": str(best["seed"]),
-                                                        "X-Image-Url": best["url"]})
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Reply:
+        method, path = request.method, request.url.path[:200]
+        if e.status_code == 404:
+            message = f"no route {method} {path}; see /openapi.json"
+        elif e.status_code == 405:
+            message = f"method {method} is not allowed on {path}; allowed: {(e.headers or {}).get('Allow', '')}"
         else:
-            self._json(200, job.result)
+            message = str(e.detail)
+        return error_reply(e.status_code, message, config, dict(e.headers or {}))
 
-    def _stream(self, job: Job, position: int) -> None:
-        """Server-sent events until the job ends; a client that goes away cancels a queued job."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        self.close_connection = True
-        deadline = time.monotonic() + self.server.config.request_timeout_s
-        try:
-            self._event("queued", {"position": position, "seeds": job.seeds})
-            while True:
-                with job.wake:
-                    if not job.events and not job.done.is_set():
-                        # At most 10 s between writes: a keep-alive comment lets us notice a dead client.
-                        job.wake.wait(timeout=min(10.0, max(0.0, deadline - time.monotonic())))
-                    items = list(job.events)
-                    job.events.clear()
-                    finished = job.done.is_set()
-                for name, data in items:
-                    self._event(name, data)
-                if finished:
-                    if job.error is not None:
-                        self._event("error", {"error": job.error.message, "status": job.error.status})
-                    return
-                if time.monotonic() >= deadline:
-                    job.cancelled = True
-                    self._event("error", {"error": "request timed out", "status": 504})
-                    return
-                if not items:
-                    self.wfile.write(b": keep-alive\n\n")
-                    self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
-            job.cancelled = True
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> Reply:
+        return error_reply(422, "; ".join(str(x.get("msg")) for x in e.errors()), config)
 
-    def _event(self, name: str, data: dict[str, Any]) -> None:
-        self.wfile.write(f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
-        self.wfile.flush()
+    # ------------------------------------------------------------------ pages
+    static = {p.name: (p.read_bytes(), STATIC_TYPES.get(p.suffix, "application/octet-stream"))
+              for p in STATIC_DIR.iterdir() if p.is_file()}
 
-    def _static(self, name: str) -> None:
-        path = (STATIC_DIR / name).resolve()
-        if STATIC_DIR.resolve() not in path.parents or not path.is_file():
-            raise RequestError(404, f"no static file {name!r}")
-        self._send(200, path.read_bytes(), STATIC_TYPES.get(path.suffix, "application/octet-stream"),
-                   {"Cache-Control": "no-cache"})
+    def static_reply(name: str) -> Response:
+        if name not in static:
+            raise RequestError(404, f"no static file {name[:100]!r}")
+        data, kind = static[name]
+        return Response(data, media_type=kind, headers={"Cache-Control": "no-cache"})
 
-    def _health(self) -> dict[str, Any]:
-        srv, pipe = self.server, self.server.pipe
+    def get(path: str, **kwargs: Any) -> Any:
+        """GET route (in the OpenAPI schema) plus the same route for HEAD (not listed)."""
+        def register(fn: Any) -> Any:
+            app.get(path, **kwargs)(fn)
+            app.head(path, include_in_schema=False, response_class=kwargs.get("response_class", Reply))(fn)
+            return fn
+        return register
+
+    @get("/", summary="the web page", response_class=Response)
+    async def page() -> Response:
+        return static_reply("index.html")
+
+    @get("/index.html", include_in_schema=False, response_class=Response)
+    async def index() -> Response:
+        return static_reply("index.html")
+
+    @get("/static/{name}", include_in_schema=False, response_class=Response)
+    async def static_file(name: str) -> Response:
+        return static_reply(name)
+
+    @get("/health", response_model=Health, summary="liveness, queue depth, model and limits")
+    async def health() -> Reply:
         c = pipe.config
-        return {
+        return Reply({
             "status": "ok", "model": getattr(pipe, "source", "memory"), "device": str(pipe.device),
             "dtype": str(pipe.dtype).replace("torch.", ""), "image_size": pipe.image_size,
-            "components": list(c.components), "auth_required": srv.config.token is not None,
-            "queue_depth": srv.worker.depth(), "queue_capacity": srv.config.max_queue, "busy": srv.worker.busy,
-            "batches_run": srv.worker.batches_run, "images_made": srv.worker.images_made,
-            "requests_served": srv.requests_served, "rejected_busy": srv.rejected_busy,
-            "open_connections": srv.open_connections,
-            "uptime_s": round(time.time() - srv.started, 1),
+            "components": list(c.components), "auth_required": config.token is not None,
+            "queue_depth": state.worker.depth(), "queue_capacity": config.max_queue, "busy": state.worker.busy,
+            "batches_run": state.worker.batches_run, "images_made": state.worker.images_made,
+            "cancelled_batches": state.worker.cancelled_batches,
+            "requests_served": state.requests_served, "rejected_busy": state.rejected_busy,
+            "open_connections": state.stats.open, "uptime_s": round(time.time() - state.started, 1),
             "defaults": {"num_images": c.num_images, "top_k": c.top_k, "top_p": c.top_p,
                          "temperature": c.temperature, "guidance_scale": c.guidance_scale, "rerank": c.rerank,
                          "upscale": c.upscale},
-            "limits": {"max_images_per_request": srv.config.max_images_per_request,
-                       "max_prompt_chars": srv.config.max_prompt_chars, "max_upscale": srv.config.max_upscale,
-                       "max_batch_images": srv.config.max_batch_images},
-        }
+            "limits": {"max_images_per_request": config.max_images_per_request,
+                       "max_prompt_chars": config.max_prompt_chars, "max_upscale": config.max_upscale,
+                       "max_batch_images": config.max_batch_images, "max_body_bytes": config.max_body_bytes},
+        }, headers={"Cache-Control": "no-store"})
+
+    @get("/v1/images/{image_id}.png", response_class=Response, summary="a generated image",
+         responses={200: {"content": {"image/png": {}}, "description": "PNG"},
+                    404: {"model": ErrorReply, "description": "unknown or expired"}})
+    async def image(image_id: str) -> Response:
+        data = state.store.get(image_id)
+        if data is None:
+            raise RequestError(404, "unknown or expired image id (the server keeps the most recent "
+                                    f"{config.max_stored_images} images)")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    # ------------------------------------------------------------------ generation
+    async def accept(request: Request, stream: bool) -> tuple[Job, int]:
+        check_token(request, config)
+        body = await read_body(request, config)
+        job = await make_job(state, validate_request(parse_json_body(body), state.model), stream)
+        try:
+            return job, state.worker.submit(job)
+        except QueueFull:
+            raise RequestError(503, f"the queue is full ({config.max_queue} requests); "
+                                    f"retry after {config.retry_after_s} s") from None
+
+    @app.post("/v1/generate", openapi_extra=body_schema, response_model=GenerateResult,
+              summary="generate images; JSON result, or the best image as PNG with Accept: image/png",
+              responses={200: {"content": {"image/png": {}}}, 504: {"model": ErrorReply,
+                                                                  "description": "not finished in time"}, **err})
+    async def generate(request: Request) -> Response:
+        job, _ = await accept(request, stream=False)
+        done = asyncio.ensure_future(job_done(job))
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        finished, pending = await asyncio.wait({done, gone}, timeout=config.request_timeout_s,
+                                               return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if done not in finished:
+            job.cancelled = True
+            if gone in finished:
+                return Response(status_code=499)  # nobody reads it
+            raise RequestError(504, f"not finished within {config.request_timeout_s} s")
+        if job.error is not None:
+            raise job.error
+        accept_header = request.headers.get("accept", "")
+        if "image/png" in accept_header and "application/json" not in accept_header:
+            best = job.result["images"][0]
+            return Response(job.best_png, media_type="image/png",
+                            headers={"X-Seed": str(best["seed"]), "X-Image-Url": best["url"]})
+        return Reply(job.result)
+
+    @app.post("/v1/generate/stream", openapi_extra=body_schema, response_class=StreamingResponse,
+              summary="server-sent events: queued, started, preview (partial images as PNG data URLs), result, "
+                      "error", responses={200: {"content": {"text/event-stream": {}}}, **err})
+    async def generate_stream(request: Request) -> StreamingResponse:
+        job, position = await accept(request, stream=True)
+        return StreamingResponse(event_stream(job, position, config.request_timeout_s),
+                                 media_type="text/event-stream; charset=utf-8",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {})
+            models = components.setdefault("schemas", {})
+            models["GenerateRequest"] = state.model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            if config.token:
+                for path in ("/v1/generate", "/v1/generate/stream"):
+                    schema["paths"][path]["post"]["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+async def job_done(job: Job) -> None:
+    """Drain a plain job's events until it ends."""
+    while (await job.events.get())[0] != "done":
+        pass
+
+
+def sse(name: str, data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
+
+
+async def event_stream(job: Job, position: int, timeout: float) -> Any:
+    """Server-sent events until the job ends; a client that goes away cancels the job (see worker)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        yield sse("queued", {"position": position, "seeds": job.seeds})
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                job.cancelled = True
+                yield sse("error", {"error": f"not finished within {timeout} s", "status": 504})
+                return
+            try:
+                name, data = await asyncio.wait_for(job.events.get(), timeout=min(10.0, remaining))
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"  # at most 10 s between writes: a dead client is noticed
+                continue
+            if name == "done":
+                if job.error is not None:
+                    yield sse("error", {"error": job.error.message, "status": job.error.status})
+                return
+            yield sse(name, data)
+    finally:
+        if not job.done.is_set():
+            job.cancelled = True
 
 
 # --------------------------------------------------------------------------------------------
-# Entry points
+# Running it
 # --------------------------------------------------------------------------------------------
+
+
+def uvicorn_config(app: Any, config: ServeConfig, **kwargs: Any) -> HolstUvicornConfig:
+    """uvicorn settings of ``holst serve`` (guarded h11 protocol, no access log, our logging)."""
+    return HolstUvicornConfig(app, serve=config, host=config.host, port=config.port, log_config=None,
+                              access_log=False, lifespan="on", timeout_keep_alive=5, timeout_graceful_shutdown=3,
+                              proxy_headers=False, server_header=False, **kwargs)
+
+
+def bind_socket(config: ServeConfig) -> socket.socket:
+    """A listening TCP socket on ``config.host``/``port``.
+
+    ``proto=IPPROTO_TCP`` matters: asyncio sets TCP_NODELAY only on sockets that say so, and without
+    it a reply written in two parts waits ~40 ms for the client's delayed ACK.
+    """
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)  # --workers processes share it
+    return sock
+
+
+class HolstServer:
+    """A bound uvicorn server over one app; ``serve_forever`` in the foreground or ``start`` in a thread.
+
+    Port 0 picks a free port: ``server.server_address[1]`` (or ``server.port``).
+    """
+
+    def __init__(self, pipe: Any, config: ServeConfig) -> None:
+        import uvicorn
+
+        self.config = config
+        self.app = create_app(pipe, config)
+        self.state: AppState = self.app.state.holst
+        self.socket = bind_socket(config)
+        self.server_address = self.socket.getsockname()
+        self.uvicorn = uvicorn.Server(uvicorn_config(self.app, config))
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    pipe = property(lambda self: self.state.pipe)
+    worker = property(lambda self: self.state.worker)
+    store = property(lambda self: self.state.store)
+    port = property(lambda self: self.server_address[1])
+    open_connections = property(lambda self: self.state.stats.open)
+
+    def serve_forever(self) -> None:
+        """Run until :meth:`shutdown` (or Ctrl-C in the main thread)."""
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def start(self, timeout: float = 30.0) -> HolstServer:
+        """Serve from a daemon thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="holst-serve", daemon=True)
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if self._stopped.is_set() or time.monotonic() > end:
+                raise RuntimeError("holst serve did not start")
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop serving (open streams get ``timeout_graceful_shutdown``) and wait for it."""
+        self.uvicorn.should_exit = True
+        if self._thread is not None or self.uvicorn.started:
+            self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 def make_server(pipe: Any, config: ServeConfig | None = None) -> HolstServer:
-    """Bind a server (port 0 picks a free port: ``server.server_address[1]``); call ``serve_forever``."""
-    config = config or ServeConfig()
-    return HolstServer((config.host, config.port), pipe, config)
+    """Bind a server for ``pipe`` (call ``serve_forever`` or ``start``)."""
+    return HolstServer(pipe, config or ServeConfig())
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``holst serve``."""
-    d = ServeConfig()
-    parser.add_argument("--model", default=None, help="pipeline directory (default: models/default)")
-    parser.add_argument("--config", default=None, help="YAML file of ServeConfig values (flags override it)")
-    parser.add_argument("--host", default=None, help=f"address to bind (default {d.host}; others need --token)")
-    parser.add_argument("--port", type=int, default=None, help=f"port (default {d.port})")
-    parser.add_argument("--token", default=None, help="bearer token clients must send (default: $HOLST_TOKEN)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (default auto)")
-    parser.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 for the transformer (default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--cuda-graph", action="store_true", help="CUDA only: static KV cache + CUDA graph decode")
-    parser.add_argument("--max-queue", type=int, default=None,
-                        help=f"queued requests before 503 (default {d.max_queue})")
-    parser.add_argument("--max-batch-images", type=int, default=None,
-                        help=f"images sampled together on the device (default {d.max_batch_images})")
-    parser.add_argument("--max-images-per-request", type=int, default=None,
-                        help=f"default {d.max_images_per_request}")
+SPEC_ENV = "HOLST_SERVE_SPEC"
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    """ServeConfig from --config YAML, then flags, then $HOLST_TOKEN."""
-    config = ServeConfig.load_yaml(args.config) if args.config else ServeConfig()
-    changes = {k: getattr(args, k) for k in ("host", "port", "token", "device", "dtype", "max_queue",
-                                             "max_batch_images", "max_images_per_request")
-               if getattr(args, k, None) is not None}
-    if "token" not in changes and config.token is None and os.environ.get("HOLST_TOKEN"):
-        changes["token"] = os.environ["HOLST_TOKEN"]
-    return config.replace(**changes) if changes else config
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``holst serve`` until interrupted."""
-    from holst.config import ConfigError
+def app_from_env() -> FastAPI:
+    """App factory of a ``--workers`` process: loads the pipeline named in ``$HOLST_SERVE_SPEC``."""
     from holst.generate_cli import load_pipeline_for_cli, set_threads
 
-    try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        logger.error("%s", e)
-        return 2
-    set_threads(args.threads)
-    pipe = load_pipeline_for_cli(args.model, config.device, config.dtype, cuda_graph=args.cuda_graph)
+    spec = json.loads(os.environ[SPEC_ENV])
+    config = ServeConfig(**spec["config"])
+    set_threads(spec["threads"])
+    pipe = load_pipeline_for_cli(spec["model"], config.device, config.dtype, cuda_graph=spec["cuda_graph"])
     if pipe is None:
-        return 2
-    server = make_server(pipe, config)
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in host else host
-    logger.info("serving %s on http://%s:%d/ (API: /openapi.json)%s", pipe.source, shown, port,
-                "; clients must send the bearer token" if config.token else "")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+        raise SystemExit(2)
+    return create_app(pipe, config)

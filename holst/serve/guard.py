@@ -1,0 +1,164 @@
+"""uvicorn's h11 protocol with the limits it lacks: a request-header deadline and per-address connection caps.
+
+uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but has no deadline for a
+request's headers, and ``limit_concurrency`` counts connections from everyone together. So one
+client trickling a header line every few seconds over hundreds of sockets could hold the server.
+:class:`GuardedH11Protocol` adds, per connection:
+
+- a deadline (``ServeConfig.header_timeout_s``) for the headers of each request, from the moment
+  the connection opens or its previous response ends; past it the connection is closed (408 when
+  part of a request had arrived);
+- a cap per client address (``max_connections_per_client``): a new connection over it closes that
+  address's oldest connection that is not inside a request (so a probe from a busy address still
+  gets in); only if all are inside requests is the new one answered 503;
+- a cap on all connections (``max_connections``): over it, 503 + Retry-After at once;
+- no traceback for a malformed request the h11 parser or uvicorn trip over: a 400 and a log line.
+
+The body deadline is the app's (it reads bodies with ``body_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from holst.config import ServeConfig
+from holst.utils.runtime import get_logger
+
+logger = get_logger("holst.serve")
+
+
+@dataclasses.dataclass
+class ConnectionStats:
+    """Counters of one server's connections (shown by ``/health``)."""
+
+    open: int = 0
+    refused: int = 0
+    evicted: int = 0
+    timed_out: int = 0
+    malformed: int = 0
+
+
+class HolstUvicornConfig(uvicorn.Config):
+    """``uvicorn.Config`` that carries the :class:`ServeConfig` limits and the stats to the protocol."""
+
+    def __init__(self, app: Any, *, serve: ServeConfig, stats: ConnectionStats | None = None, **kwargs: Any) -> None:
+        super().__init__(app, http=GuardedH11Protocol, **kwargs)
+        self.serve = serve
+        self.stats = stats or ConnectionStats()
+
+
+def _raw_reply(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    body = json.dumps({"error": message, "status": status}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """One HTTP/1.1 connection (uvicorn's h11 protocol) under the deadlines and caps above."""
+
+    def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
+                 _loop: Any = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits: ServeConfig = getattr(config, "serve", None) or ServeConfig()
+        # The app's counters (its lifespan hands them over), else the config's (a bare uvicorn app).
+        self.stats: ConnectionStats = app_state.get("holst_stats") or getattr(config, "stats", None) \
+            or ConnectionStats()
+        self.opened = 0.0
+        self._deadline: Any = None  # asyncio.TimerHandle
+        self._partial = False  # bytes of a next request arrived since the deadline was armed
+        self._counted = False
+
+    @property
+    def waiting(self) -> bool:
+        """Not inside a request: still sending headers, or idle between requests."""
+        return self.cycle is None or self.cycle.response_complete
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.opened = self.loop.time()
+        self.stats.open += 1
+        self._counted = True
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse("too many open connections")
+            return
+        host = self.client[0] if self.client else None
+        if host is not None:
+            mine = [c for c in self.connections if c is not self and getattr(c, "client", None)
+                    and c.client[0] == host and not c.transport.is_closing()]
+            if len(mine) >= self.limits.max_connections_per_client:
+                idle = [c for c in mine if isinstance(c, GuardedH11Protocol) and c.waiting]
+                if not idle:
+                    self._refuse(f"too many open connections from {host}")
+                    return
+                min(idle, key=lambda c: c.opened).evict()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._counted:
+            self.stats.open -= 1
+            self._counted = False
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._partial = True
+        try:
+            super().data_received(data)
+        except Exception as e:  # e.g. a Content-Length of 5,000 digits, a non-ASCII request target
+            self.stats.malformed += 1
+            logger.warning("malformed request from %s: %s: %s", self._who(), type(e).__name__, str(e)[:200])
+            if not self.transport.is_closing():
+                self.transport.write(_raw_reply(400, "Bad Request", "malformed HTTP request"))
+                self.transport.close()
+            return
+        if self._deadline is not None and not self.waiting:
+            self._disarm()  # a request's headers are in: the app's body deadline takes over
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.waiting:
+            self._arm()
+
+    # ------------------------------------------------------------------ limits
+    def evict(self) -> None:
+        """Close this connection (it is not inside a request) to make room for a newer one."""
+        self.stats.evicted += 1
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self, message: str) -> None:
+        self.stats.refused += 1
+        self._disarm()
+        self.transport.write(_raw_reply(503, "Service Unavailable", message,
+                                        f"Retry-After: {self.limits.retry_after_s}\r\n"))
+        self.transport.close()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._partial = False
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._on_deadline)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or not self.waiting:
+            return
+        self.stats.timed_out += 1
+        if self._partial:
+            self.transport.write(_raw_reply(408, "Request Timeout",
+                                            f"request headers not complete within {self.limits.header_timeout_s} s"))
+        self.transport.close()
+
+    def _who(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
