@@ -8,6 +8,7 @@ pipeline called directly in this process, one image at a time. Prints one JSON d
     .venv/bin/python bench/serve.py                         # random 'emoji'-shaped pipeline, 1/8/50 clients
     .venv/bin/python bench/serve.py --model models/default  # the shipped model
     .venv/bin/python bench/serve.py --quick                 # a few seconds per phase (smoke test)
+    PYTHONPATH=/tmp/old-checkout .venv/bin/python /tmp/old-checkout/bench/serve.py   # an older stack
 
 A 503 (queue full) is the documented answer to overload: it is counted, the client waits its
 Retry-After (capped by --backoff) and goes on. Every other non-200 answer counts as a failure.
@@ -176,9 +177,13 @@ def main() -> int:
            "--max-batch-images", str(args.max_batch_images)]
     log = open(os.path.join(tmp.name, "server.log"), "w+b")  # a file, not a pipe: a full pipe would stall it
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    result: dict = {"bench": "serve", "machine": f"{os.cpu_count()}-core CPU", "model": args.model or
-                    f"random:{args.preset}", "threads": args.threads, "max_queue": args.max_queue,
-                    "max_batch_images": args.max_batch_images}
+    import importlib.util
+
+    # Which stack answers (run an older checkout with PYTHONPATH=<its root> to measure the old one).
+    stack = "fastapi+uvicorn" if importlib.util.find_spec("holst.serve.guard") else "http.server (stdlib)"
+    result: dict = {"bench": "serve", "machine": f"{os.cpu_count()}-core CPU", "stack": stack,
+                    "model": args.model or f"random:{args.preset}", "threads": args.threads,
+                    "max_queue": args.max_queue, "max_batch_images": args.max_batch_images}
     try:
         deadline = time.monotonic() + 120
         while True:

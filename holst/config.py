@@ -501,14 +501,14 @@ class ServeConfig(ConfigBase):
     preview_every: int = 0
     max_stored_images: int = 512
     max_connections: int = 256
+    max_connections_per_client: int = 64
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    workers: int = 1
 
     def __post_init__(self) -> None:
         _check(isinstance(self.host, str) and self.host != "", "host must be a non-empty string")
         _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port={self.port!r} must lie in [0, 65535]")
-    max_connections_per_client: int = 32
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    workers: int = 1
         for name in ("max_queue", "max_batch_images", "max_images_per_request", "max_prompt_chars",
                      "max_body_bytes", "max_upscale", "retry_after_s", "max_stored_images", "max_connections",
                      "max_connections_per_client", "workers"):
@@ -516,12 +516,12 @@ class ServeConfig(ConfigBase):
                    f"{name}={getattr(self, name)!r} must be a positive integer")
         check_positive("batch_window_ms", self.batch_window_ms, allow_zero=True)
         check_positive("request_timeout_s", self.request_timeout_s)
+        check_positive("header_timeout_s", self.header_timeout_s)
+        check_positive("body_timeout_s", self.body_timeout_s)
         _check(isinstance(self.preview_every, int) and self.preview_every >= 0,
                f"preview_every={self.preview_every!r} must be an integer >= 0 (0 = once per image row)")
         if self.token is not None:
             _check(isinstance(self.token, str) and len(self.token) >= 8, "token must be a string of >= 8 characters")
-        check_positive("header_timeout_s", self.header_timeout_s)
-        check_positive("body_timeout_s", self.body_timeout_s)
         loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
         _check(loopback or self.token is not None,
                f"host={self.host!r} is not loopback: set a token (--token or HOLST_TOKEN) so that "

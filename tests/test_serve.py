@@ -343,6 +343,7 @@ def test_300_trickling_sockets_from_one_address_do_not_stop_health(pipe):
 
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
+        time.sleep(0.5)  # the trickle is under way (a fresh connection is never evicted: it may still send)
         times = []
         for _ in range(15):  # probes from the same address as the 300 sockets
             t0 = time.monotonic()
@@ -352,7 +353,7 @@ def test_300_trickling_sockets_from_one_address_do_not_stop_health(pipe):
             time.sleep(0.2)
         assert max(times) < 1.0, times
         stats = s.httpd.state.stats
-        assert stats.evicted >= 300 - 16 and stats.open <= 16 + 2
+        assert stats.refused + stats.evicted >= 300 - 16 and stats.evicted > 0
         # Past the header deadline the trickling sockets that are left are closed too.
         _wait_for(lambda: stats.timed_out > 0, timeout=5)
     finally:

@@ -9,9 +9,13 @@ client trickling a header line every few seconds over hundreds of sockets could 
   the connection opens or its previous response ends; past it the connection is closed (408 when
   part of a request had arrived);
 - a cap per client address (``max_connections_per_client``): a new connection over it closes that
-  address's oldest connection that is not inside a request (so a probe from a busy address still
-  gets in); only if all are inside requests is the new one answered 503;
-- a cap on all connections (``max_connections``): over it, 503 + Retry-After at once;
+  address's connection that has waited longest for its next request, if that is over a tenth of the
+  header deadline (so a probe from an address that trickles still gets in, and a client's fresh
+  connection is never cut before it could send); otherwise the new one is answered 503;
+- a cap on all connections (``max_connections``): over it, 503 + Retry-After at once.
+
+A refused connection gets its 503 and a lingering close (its request is read and dropped for up
+to a second), so the client reads the 503 instead of a reset. Refused connections do not count.
 - no traceback for a malformed request the h11 parser or uvicorn trip over: a 400 and a log line.
 
 The body deadline is the app's (it reads bodies with ``body_timeout_s``).
@@ -68,7 +72,8 @@ class GuardedH11Protocol(H11Protocol):
         # The app's counters (its lifespan hands them over), else the config's (a bare uvicorn app).
         self.stats: ConnectionStats = app_state.get("holst_stats") or getattr(config, "stats", None) \
             or ConnectionStats()
-        self.opened = 0.0
+        self.armed_at = 0.0  # when it began waiting for its next request
+        self.refused = False
         self._deadline: Any = None  # asyncio.TimerHandle
         self._partial = False  # bytes of a next request arrived since the deadline was armed
         self._counted = False
@@ -81,22 +86,23 @@ class GuardedH11Protocol(H11Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.opened = self.loop.time()
         self.stats.open += 1
         self._counted = True
-        if len(self.connections) > self.limits.max_connections:
+        live = [c for c in self.connections if c is not self and not getattr(c, "refused", False)
+                and not c.transport.is_closing()]
+        if len(live) >= self.limits.max_connections:
             self._refuse("too many open connections")
             return
         host = self.client[0] if self.client else None
-        if host is not None:
-            mine = [c for c in self.connections if c is not self and getattr(c, "client", None)
-                    and c.client[0] == host and not c.transport.is_closing()]
-            if len(mine) >= self.limits.max_connections_per_client:
-                idle = [c for c in mine if isinstance(c, GuardedH11Protocol) and c.waiting]
-                if not idle:
-                    self._refuse(f"too many open connections from {host}")
-                    return
-                min(idle, key=lambda c: c.opened).evict()
+        mine = [c for c in live if getattr(c, "client", None) and c.client[0] == host] if host else []
+        if len(mine) >= self.limits.max_connections_per_client:
+            grace = self.limits.header_timeout_s / 10
+            now = self.loop.time()
+            idle = [c for c in mine if isinstance(c, GuardedH11Protocol) and c.waiting and now - c.armed_at > grace]
+            if not idle:
+                self._refuse(f"too many open connections from {host}")
+                return
+            min(idle, key=lambda c: c.armed_at).evict()
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -107,6 +113,8 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # the lingering close of a refused connection: read and drop
         self._partial = True
         try:
             super().data_received(data)
@@ -135,14 +143,23 @@ class GuardedH11Protocol(H11Protocol):
 
     def _refuse(self, message: str) -> None:
         self.stats.refused += 1
+        self.refused = True
         self._disarm()
         self.transport.write(_raw_reply(503, "Service Unavailable", message,
                                         f"Retry-After: {self.limits.retry_after_s}\r\n"))
-        self.transport.close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(1.0, self.transport.close)
+
+    def eof_received(self) -> bool | None:
+        if self.refused:
+            self.transport.close()
+        return super().eof_received()
 
     def _arm(self) -> None:
         self._disarm()
         self._partial = False
+        self.armed_at = self.loop.time()
         self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._on_deadline)
 
     def _disarm(self) -> None:
