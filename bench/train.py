@@ -1,18 +1,21 @@
 """Training-step throughput through the real engine path (autocast, loss scaling, clipping, AdamW).
 
-Each variant runs ``Engine.step`` on ``DalleModel.compute_loss`` over random ids and reports
-tokens/s (batch * (T + N) tokens per optimizer step), the median step time and the peak memory
-(CUDA: max allocated; CPU: growth of the process's peak RSS) and, on CPU, the process CPU seconds per
-step (a busy shared machine inflates wall time but much less the CPU time). Variants of one run share the device,
-so the baseline row is comparable:
+Each variant runs ``Engine.step`` on the DALL-E loss over random ids and reports tokens/s (batch *
+(T + N) tokens per optimizer step), the median step time after the warm-up steps (compilation
+included in ``warmup_s``, not in the median), the peak memory (CUDA: max allocated; CPU: growth of
+the process's peak RSS) and, on CPU, the process CPU seconds per step (a busy shared machine
+inflates wall time much more than CPU time). The variants of one run share the machine, so each
+row's ``speedup_vs_baseline`` and ``share_of_gain`` compare like with like. The changes are added
+one at a time, in this order:
 
-- GPU (default preset malevich, batch 8): the reference's set-up, fp16 + loss scaling + the
-  explicit 'math' attention (reference fp16 step: 26.8k tokens/s at batch 8 on an H100), against
-  bf16 + sdpa, and bf16 + sdpa + activation checkpointing.
-- CPU (default preset emoji, the shipped model, batch 32): fp32 'math' (baseline) against fp32 sdpa
-  and bf16-autocast sdpa.
+- CPU (default preset emoji, the shipped model, batch 32): fp32 with the reference's explicit
+  'math' attention and the loss over the full fp32 logits (the baseline), then + sdpa, + bf16
+  autocast, + block-sparse attention ('sparse'), + the lean loss, + ``torch.compile``.
+- GPU (default preset malevich, batch 8): the reference's set-up (fp16 + loss scaling, 'math',
+  full fp32 logits; reference fp16 step 26.8k tokens/s at batch 8 on an H100), then bf16 + sdpa,
+  + sparse, + lean loss, + compile, and the last one again with activation checkpointing.
 
-    .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2]
+    .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,...]
 
 Prints one JSON object.
 """
@@ -24,6 +27,7 @@ import json
 import resource
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,6 +36,36 @@ from holst.dalle import DalleModel
 from holst.presets import get_preset
 from holst.train.engine import Engine
 from holst.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmarked set-up; ``change`` names what it adds to the previous row."""
+
+    change: str
+    attn_impl: str
+    precision: str
+    lean_loss: bool = False
+    compile: bool = False
+    checkpointing: bool = False
+
+
+CPU_VARIANTS = [
+    Variant("baseline: fp32, explicit attention, full fp32 logits", "math", "fp32"),
+    Variant("+ sdpa attention", "sdpa", "fp32"),
+    Variant("+ bf16 autocast", "sdpa", "bf16"),
+    Variant("+ block-sparse attention", "sparse", "bf16"),
+    Variant("+ lean loss", "sparse", "bf16", lean_loss=True),
+    Variant("+ torch.compile", "sparse", "bf16", lean_loss=True, compile=True),
+]
+GPU_VARIANTS = [
+    Variant("baseline: reference set-up, fp16 + loss scaling, explicit attention, full fp32 logits", "math", "fp16"),
+    Variant("+ bf16 autocast, sdpa attention", "sdpa", "bf16"),
+    Variant("+ block-sparse attention", "sparse", "bf16"),
+    Variant("+ lean loss", "sparse", "bf16", lean_loss=True),
+    Variant("+ torch.compile", "sparse", "bf16", lean_loss=True, compile=True),
+    Variant("+ activation checkpointing", "sparse", "bf16", lean_loss=True, compile=True, checkpointing=True),
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -43,20 +77,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_variant(preset: str, batch: int, steps: int, *, attn_impl: str, precision: str, checkpointing: bool,
-                  device: str) -> dict:
-    """Median time of one optimizer step (after two warm-up steps) for one configuration."""
+def full_logits_loss(bare: DalleModel, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The loss as it was before the lean loss: the whole (B, S, V) logits tensor, copied to fp32."""
+    logits = model(ids)
+    loss, _ = bare.compute_loss(ids, logits=logits.float())
+    return loss
+
+
+def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, device: str) -> dict:
+    """Median time of one optimizer step (after ``warmup`` steps) for one configuration."""
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = TrainConfig(out_dir=out_dir, precision=precision, device=device, tensorboard=False, grad_clip=1.0,
-                          warmup_steps=0, max_steps=1000)
+        cfg = TrainConfig(out_dir=out_dir, precision=v.precision, compile=v.compile, device=device,
+                          tensorboard=False, grad_clip=1.0, warmup_steps=0, max_steps=1000)
         engine = Engine(cfg, install_signal_handler=False)
         config = get_preset(preset)
         torch.manual_seed(0)
-        model = DalleModel(config, attn_impl=attn_impl)
-        model.gradient_checkpointing = checkpointing
-        model, optimizer = engine.prepare(model, None)
-        optimizer = build_optimizer(model, cfg)
+        bare = DalleModel(config, attn_impl=v.attn_impl)
+        bare.gradient_checkpointing = v.checkpointing
+        model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
         scheduler = build_scheduler(optimizer, cfg)
+        model.train()
         g = torch.Generator().manual_seed(0)
         text = torch.randint(4, config.bpe_vocab_size, (batch, config.text_seq_length), generator=g)
         image = torch.randint(0, config.image_vocab_size, (batch, config.image_seq_length), generator=g)
@@ -65,33 +105,39 @@ def bench_variant(preset: str, batch: int, steps: int, *, attn_impl: str, precis
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-        def step() -> None:
+        def step() -> float:
             with engine.autocast():
-                logits = model(ids)
-            loss, _ = model.compute_loss(ids, logits=logits)
+                if v.lean_loss:
+                    loss, _ = model(ids, return_loss=True)
+                else:
+                    loss = full_logits_loss(bare, model, ids)
             engine.step(loss, optimizer, scheduler, model=model)
+            return loss.detach()
 
+        t_warm = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        _sync(engine.device)
+        warmup_s = time.perf_counter() - t_warm
         times, cpu_times = [], []
-        for i in range(steps + 2):
+        for _ in range(steps):
             _sync(engine.device)
             t0, c0 = time.perf_counter(), time.process_time()
-            step()
+            last = step()
             _sync(engine.device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-                cpu_times.append(time.process_time() - c0)
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         median = sorted(times)[len(times) // 2]
         cpu_median = sorted(cpu_times)[len(cpu_times) // 2]
         tokens = batch * ids.shape[1]
         if engine.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            mem = {"peak_mem_mb": round(peak, 1)}
+            mem = {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
         else:
             mem = {"peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}
-        result = {"attn_impl": attn_impl, "precision": engine.precision, "checkpointing": checkpointing,
-                  "step_s": round(median, 4), "tokens_per_s": round(tokens / median, 1),
+        result = {**asdict(v), "precision": engine.precision, "step_s": round(median, 4),
+                  "tokens_per_s": round(tokens / median, 1), "warmup_s": round(warmup_s, 1),
                   # CPU seconds of this process per step (all threads): less sensitive to other load on a CPU box
-                  "process_cpu_s": round(cpu_median, 4), **mem,
+                  "process_cpu_s": round(cpu_median, 4), **mem, "loss": round(float(last), 4),
                   "skipped_steps": engine.skipped_steps}
         engine.close()
         if engine.device.type == "cuda":
@@ -99,13 +145,26 @@ def bench_variant(preset: str, batch: int, steps: int, *, attn_impl: str, precis
         return result
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up of each row over the first, and each change's share of the last row's gain."""
+    base = rows[0]["tokens_per_s"]
+    total = rows[-1]["tokens_per_s"] - base
+    prev = base
+    for r in rows:
+        r["speedup_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
+        r["share_of_gain"] = round((r["tokens_per_s"] - prev) / total, 3) if total else None
+        prev = r["tokens_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--preset", default=None, help="default: malevich on CUDA, emoji on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default: 8 on CUDA, 32 on CPU")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--only", default="", help="comma-separated variant indices to run (default: all)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -113,22 +172,18 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     preset = args.preset or ("malevich" if cuda else "emoji")
     batch = args.batch or (8 if cuda else 32)
-    if cuda:
-        variants = [("math", "fp16", False), ("sdpa", "bf16", False), ("sdpa", "bf16", True)]
-    else:
-        variants = [("math", "fp32", False), ("sdpa", "fp32", False), ("sdpa", "bf16", False)]
+    variants = GPU_VARIANTS if cuda else CPU_VARIANTS
+    if args.only:
+        variants = [variants[int(i)] for i in args.only.split(",")]
     config = get_preset(preset)
-    rows = [bench_variant(preset, batch, args.steps, attn_impl=a, precision=p, checkpointing=c, device=device)
-            for a, p, c in variants]
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["speedup_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
+    rows = [bench_variant(preset, batch, args.steps, args.warmup, v, device) for v in variants]
+    add_ratios(rows)
     out = {
         "bench": "train_step",
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "preset": preset, "parameters_m": round(config.num_parameters() / 1e6, 2), "batch": batch,
-        "seq_len": config.total_seq_length, "steps": args.steps,
-        "baseline": f"{variants[0][0]} attention, {variants[0][1]}",
+        "seq_len": config.total_seq_length, "steps": args.steps, "warmup": args.warmup,
+        "baseline": variants[0].change,
         "reference_fp16_tokens_per_s_h100": 26800 if preset == "malevich" and batch == 8 else None,
         "results": rows,
     }

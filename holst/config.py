@@ -362,12 +362,15 @@ class TrainConfig(ConfigBase):
     logging and checkpointing. Stage trainers subclass it to add their own fields.
 
     ``batch_size`` is the micro-batch of one process; the global batch is
-    ``batch_size * grad_accum * world_size``. ``precision='auto'``: fp32 on CPU, bf16 on GPUs that
-    support it, fp16 with dynamic loss scaling on the others.
+    ``batch_size * grad_accum * world_size``. ``precision='auto'``: bf16 autocast on GPUs that
+    support it and on CPUs with native bf16 (AVX512-BF16/AMX), fp16 with dynamic loss scaling on
+    the other GPUs, fp32 on the other CPUs. ``compile``: run the model under ``torch.compile``
+    (the first steps are slower while it compiles).
     """
 
     backend: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     device: str = "auto"
     seed: int = 0
     out_dir: str = "runs/train"
@@ -399,6 +402,7 @@ class TrainConfig(ConfigBase):
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, TRAIN_BACKENDS)
         check_choice("precision", self.precision, TRAIN_PRECISIONS)
+        _check(isinstance(self.compile, bool), f"compile={self.compile!r} must be true or false")
         check_choice("optimizer", self.optimizer, ("adamw", "adam", "sgd"))
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "loss_scale_window"):
@@ -689,7 +693,7 @@ class DalleTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("attn_impl", self.attn_impl, ("sdpa", "math"))
+        check_choice("attn_impl", self.attn_impl, ("sdpa", "math", "sparse"))
         check_choice("save_dtype", self.save_dtype, ("fp32", "bf16", "fp16"))
         check_prob("bpe_dropout", self.bpe_dropout)
         check_prob("empty_caption_prob", self.empty_caption_prob)

@@ -17,7 +17,7 @@ FP16_MAX = 65504.0  # the reference clamps attention outputs to the fp16 range (
 PB_RELAX_ALPHA = 32.0
 MASKED_SCORE = -10000.0  # the reference's masking value (not -inf)
 
-ATTN_IMPLS = ("sdpa", "math")
+ATTN_IMPLS = ("sdpa", "math", "sparse")
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -69,6 +69,130 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
 
 
+# ---------------------------------------------------------------------------------- block-sparse
+# The row, column and conv masks only let an image query see the text and a band of image rows
+# (or columns) just before its own. ``attention_sparse`` computes exactly those scores: text
+# queries against text keys, image queries against the text keys plus a window of w + 1 grid
+# lines (rows, or columns for the column mask) ending at their own, i.e. T + (w + 1) D keys per
+# query instead of up to T + N. The band and its small mask are read off the dense mask itself,
+# so the result is the dense masked softmax (masked keys get probability 0), not an approximation.
+
+
+class SparseLayout:
+    """The band a dense [S, S] layer mask reduces to (see :func:`sparse_layout`).
+
+    Attributes:
+        T: text positions (the grid starts at T); D: grid side; transpose: True if the band runs
+        over columns (the column mask); window: w, the number of earlier grid lines seen;
+        text_mask: bool [T, T]; band_mask: bool [D, D, T + (w + 1) D] for (line, position in line, key).
+    """
+
+    def __init__(self, T: int, D: int, transpose: bool, window: int, text_mask: torch.Tensor,
+                 band_mask: torch.Tensor) -> None:
+        self.T, self.D, self.transpose, self.window = T, D, transpose, window
+        self.text_mask, self.band_mask = text_mask, band_mask
+
+
+def _band_offsets(mask: torch.Tensor, T: int, D: int, transpose: bool) -> tuple[int, int]:
+    """(min, max) of query line - key line over the visible image-image pairs of ``mask``."""
+    qi, ki = mask[T:, T:].nonzero(as_tuple=True)
+    line = (lambda p: p % D) if transpose else (lambda p: p // D)
+    off = line(qi) - line(ki)
+    return int(off.min()), int(off.max())
+
+
+def sparse_layout(mask: torch.Tensor, T: int, D: int, max_fraction: float = 0.75) -> SparseLayout | None:
+    """The band layout of a full-sequence layer mask, or None where a band would not save work.
+
+    Args:
+        mask: bool [S, S] with S = T + D * D, True = visible; text queries must see no image key.
+        T: text positions; D: grid side.
+        max_fraction: give up (None) when a band query would see more than this fraction of S keys.
+    Returns:
+        A :class:`SparseLayout` whose band covers every visible key of ``mask``, or None.
+    """
+    S = T + D * D
+    if mask.shape != (S, S) or mask[:T, T:].any():
+        return None
+    best = None
+    for transpose in (False, True):
+        lo, hi = _band_offsets(mask, T, D, transpose)
+        if lo >= 0 and (best is None or hi < best[1]):
+            best = (transpose, hi)
+    if best is None or T + (best[1] + 1) * D > max_fraction * S:
+        return None
+    transpose, w = best
+    # keys of a band query (line r, position c): text 0..T-1, then lines r-w..r, D positions each
+    r = torch.arange(D, device=mask.device)
+    line = r[:, None] - w + torch.arange(w + 1, device=mask.device)[None, :]  # [D lines, w + 1]
+    valid = (line >= 0)[:, :, None].expand(D, w + 1, D)  # [D, w + 1, D]
+    grid = line.clamp(min=0)[:, :, None] * D + r[None, None, :]  # [D, w + 1, D] key index in the oriented grid
+    if transpose:  # oriented (line = column, position = row) -> row-major grid index
+        grid = (grid % D) * D + grid // D
+        q_grid = r[None, :] * D + r[:, None]  # [D lines, D positions]
+    else:
+        q_grid = r[:, None] * D + r[None, :]
+    q_pos = T + q_grid  # [D, D]
+    k_pos = T + grid.reshape(D, -1)  # [D, (w + 1) D]
+    img = mask[q_pos[:, :, None], k_pos[:, None, :]] & valid.reshape(D, 1, -1)  # [D, D, (w + 1) D]
+    text = mask[q_pos][:, :, :T]  # [D, D, T]
+    band_mask = torch.cat([text, img], dim=-1)  # [D, D, T + (w + 1) D]
+    if int(band_mask.sum()) + int(mask[:T, :T].sum()) != int(mask.sum()):
+        return None  # the band misses a visible key: not a band mask
+    return SparseLayout(T, D, transpose, w, mask[:T, :T].contiguous(), band_mask)
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor:
+    """softmax over visible keys (fp32 accumulation), then attention dropout; same dtype as ``scores``."""
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(scores.dtype)
+    if dropout_p > 0 and training:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs
+
+
+def attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SparseLayout,
+                     dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Masked attention over the band of :func:`sparse_layout` only (the dense softmax's numbers).
+
+    Args:
+        q, k, v: [B, nh, S, hd] with S = T + D * D; layout: from :func:`sparse_layout`.
+    Returns:
+        [B, nh, S, hd].
+    """
+    T, D, w = layout.T, layout.D, layout.window
+    B, nh, S, hd = q.shape
+    scale = 1.0 / math.sqrt(hd)
+    qt, kt, vt = q[:, :, :T], k[:, :, :T], v[:, :, :T]  # [B, nh, T, hd]
+    # text queries: causal over the text
+    text_out = _masked_softmax((qt @ kt.transpose(-1, -2)) * scale, layout.text_mask, dropout_p, training) @ vt
+
+    N, L = D * D, (w + 1) * D
+
+    def grid(x: torch.Tensor) -> torch.Tensor:  # [B, nh, N, hd] -> [B * nh * D lines, D, hd], contiguous
+        x = x.reshape(B, nh, D, D, hd)
+        return (x.transpose(2, 3) if layout.transpose else x).reshape(B * nh * D, D, hd)
+
+    def band(x: torch.Tensor) -> torch.Tensor:  # [B * nh * D, D, hd] -> [B * nh * D, (w + 1) D, hd]
+        if w == 0:
+            return x
+        x = F.pad(x.view(B * nh, D, D, hd), (0, 0, 0, 0, w, 0))  # w empty lines in front: [B nh, D + w, D, hd]
+        lines = torch.stack([x[:, j : j + D] for j in range(w + 1)], dim=2)  # lines r-w..r: [B nh, D, w + 1, D, hd]
+        return lines.reshape(B * nh * D, L, hd)
+
+    qg, kg, vg = grid(q[:, :, T:]), grid(k[:, :, T:]), grid(v[:, :, T:])
+    kb, vb = band(kg), band(vg)
+    s_text = (qg.view(B * nh, N, hd) @ kt.reshape(B * nh, T, hd).transpose(1, 2)) * scale  # [B nh, N, T]
+    s_band = torch.bmm(qg, kb.transpose(1, 2)) * scale  # [B nh D, D, (w + 1) D]
+    scores = torch.cat([s_text.view(B, nh, D, D, T), s_band.view(B, nh, D, D, L)], dim=-1)
+    probs = _masked_softmax(scores, layout.band_mask, dropout_p, training)  # [B, nh, D, D, T + L]
+    from_text = probs[..., :T].reshape(B * nh, N, T) @ vt.reshape(B * nh, T, hd)  # [B nh, N, hd]
+    from_band = torch.bmm(probs[..., T:].reshape(B * nh * D, D, L), vb)  # [B nh D, D, hd]
+    img_out = (from_text.view(B, nh, D, D, hd) + from_band.view(B, nh, D, D, hd))  # [B, nh, D lines, D, hd]
+    if layout.transpose:
+        img_out = img_out.transpose(2, 3)
+    return torch.cat([text_out, img_out.reshape(B, nh, N, hd)], dim=2)
+
+
 class DalleSelfAttention(nn.Module):
     """Multi-head self-attention with the reference's fused qkv projection and output clamp."""
 
@@ -93,14 +217,19 @@ class DalleSelfAttention(nn.Module):
         out = self.dense(merge_heads(context)).clamp(-FP16_MAX, FP16_MAX)
         return self.output_dropout(out)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
-        """Dispatch to the fused or the reference-exact kernel. Returns [B, nh, S, hd]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | SparseLayout,
+               impl: str) -> torch.Tensor:
+        """Dispatch to the block-sparse (``mask`` is a :class:`SparseLayout`), the reference-exact
+        (``impl='math'``) or the fused kernel (``'sdpa'``, and ``'sparse'`` where the mask has no
+        band layout). Returns [B, nh, S, hd]."""
+        if isinstance(mask, SparseLayout):
+            return attention_sparse(q, k, v, mask, self.attention_dropout, self.training)
         if impl == "math":
             return attention_math(q, k, v, mask, self.pb_relax, self.attention_dropout, self.training)
         return attention_sdpa(q, k, v, mask, self.attention_dropout, self.training)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
-        """Full-sequence attention. x [B, S, H], mask bool [S, S] -> [B, S, H]."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | SparseLayout, impl: str = "sdpa") -> torch.Tensor:
+        """Full-sequence attention. x [B, S, H], mask bool [S, S] (or its SparseLayout) -> [B, S, H]."""
         q, k, v = self.qkv(x)
         return self.project_out(self.attend(q, k, v, mask, impl))
 

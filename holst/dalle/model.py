@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from holst.config import DalleConfig
-from holst.dalle.attention import ATTN_IMPLS, DalleSelfAttention
+from holst.dalle.attention import ATTN_IMPLS, DalleSelfAttention, SparseLayout, sparse_layout
 from holst.dalle.cache import KVCache, LayerKV
 from holst.dalle.masks import build_layer_masks, layer_mask_kind
 from holst.utils.persist import PretrainedMixin
@@ -118,8 +118,10 @@ class DalleModel(PretrainedMixin, nn.Module):
 
     ``forward(input_ids)`` takes text ids then image codes as the reference does (B, T + n) and
     returns logits (B, S, V) equal to the reference's ``forward(input_ids, causal_mask)``.
-    ``attn_impl``: 'sdpa' (fused, default) or 'math' (the reference's explicit kernel with -10000
-    masking and PB-relax, for bit-level comparisons and fp16 safety studies).
+    ``attn_impl``: 'sdpa' (fused, default), 'math' (the reference's explicit kernel with -10000
+    masking and PB-relax, for bit-level comparisons and fp16 safety studies) or 'sparse' (full
+    training sequences: the block-sparse band kernel of holst/dalle/attention.py for the row and
+    column masks, and the conv mask where its window is small; sdpa elsewhere).
     """
 
     config_class = DalleConfig
@@ -139,7 +141,7 @@ class DalleModel(PretrainedMixin, nn.Module):
         self.image_col_embeddings = nn.Embedding(config.image_tokens_per_dim, h)
         self.transformer = DalleTransformer(config)
         self.to_logits = nn.Sequential(nn.LayerNorm(h, eps=config.layernorm_eps), nn.Linear(h, config.total_vocab_size))
-        self._masks: dict[str, dict[str, torch.Tensor]] = {}
+        self._masks: dict[str, dict] = {}  # device -> masks (and 'sparse:' device -> band layouts)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -168,6 +170,26 @@ class DalleModel(PretrainedMixin, nn.Module):
             c = self.config
             self._masks[key] = build_layer_masks(c.text_seq_length, c.image_tokens_per_dim, c.hf_version, device=device)
         return self._masks[key]
+
+    def sparse_layouts(self, device: torch.device) -> dict[str, SparseLayout | None]:
+        """Per mask kind, its block-sparse band on ``device`` (None: that mask runs dense)."""
+        key = f"sparse:{device}"
+        if key not in self._masks:
+            c = self.config
+            self._masks[key] = {kind: sparse_layout(m, c.text_seq_length, c.image_tokens_per_dim)
+                                for kind, m in self.layer_masks(device).items()}
+        return self._masks[key]
+
+    @torch.compiler.disable
+    def attention_masks(self, S: int, device: torch.device) -> dict[str, torch.Tensor | SparseLayout]:
+        """What each mask kind's layers attend with for S positions: the bool [S, S] mask, or its
+        band layout under ``attn_impl='sparse'`` for full sequences (sdpa runs the other masks).
+        Built once and cached, outside ``torch.compile`` graphs (the layouts need ``nonzero``)."""
+        masks: dict = {kind: m[:S, :S] for kind, m in self.layer_masks(device).items()}
+        if self.attn_impl == "sparse" and S == self.config.total_seq_length:
+            layouts = self.sparse_layouts(device)
+            masks = {kind: layouts[kind] if layouts[kind] is not None else m for kind, m in masks.items()}
+        return masks
 
     def reset_buffers(self) -> None:
         """Drop cached masks (called after loading onto a new device)."""
@@ -213,21 +235,27 @@ class DalleModel(PretrainedMixin, nn.Module):
         return shrink_gradient(x)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for every position.
+    def forward(self, input_ids: torch.Tensor, return_loss: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits for every position, or (with ``return_loss``) the training loss.
 
         Args:
             input_ids: (B, T + n) long, text ids (0 = pad) then image codes 0..image_vocab_size-1.
+            return_loss: return :meth:`forward_loss` instead (the lean loss; what trainers call
+                through DDP/FSDP/compile wrappers).
         Returns:
-            (B, S, V) logits: [..., :vocab_size] text, [..., vocab_size:] image codes.
+            (B, S, V) logits: [..., :vocab_size] text, [..., vocab_size:] image codes; or (loss, parts).
         """
+        if return_loss:
+            return self.forward_loss(input_ids)
         return self.to_logits(self.hidden_states(input_ids))
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T + n) -> (B, S, H) after the final LayerNorm of the transformer."""
+        c = self.config
+        S = min(input_ids.shape[1] + (1 if c.hf_version == "v2" else 0), c.total_seq_length)
+        masks = self.attention_masks(S, input_ids.device)  # before anything is traced (torch.compile)
         x = self.embed(input_ids)
-        S = x.shape[1]
-        masks = {kind: m[:S, :S] for kind, m in self.layer_masks(x.device).items()}
         for layer, kind in zip(self.transformer.layers, self.transformer.mask_kinds):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, masks[kind], self.attn_impl, use_reentrant=False)
@@ -236,42 +264,76 @@ class DalleModel(PretrainedMixin, nn.Module):
         return self.transformer.final_layernorm(x)
 
     # ------------------------------------------------------------------ loss
+    def loss_targets(self, input_ids: torch.Tensor, S: int) -> tuple[slice, torch.Tensor, slice, torch.Tensor]:
+        """Which layer positions the loss scores, and against which labels (reference.md §1.6).
+
+        Args:
+            input_ids: (B, T + n) with n >= 1; S: positions seen by the layers.
+        Returns:
+            (text positions, (B, t) text labels, image positions, (B, m) image labels); text positions
+            are scored over the text vocabulary rows of the head, image positions over the image rows.
+        """
+        T = self.config.text_seq_length
+        text = self.prepare_text(input_ids[:, :T])
+        image = input_ids[:, T:]
+        if image.shape[1] == 0:
+            raise ValueError("compute_loss needs at least one image token after the text")
+        if self.config.hf_version == "v2":
+            # [BOS, text(T), image...]: position i predicts text[i] (i < T), position T + j predicts image[j].
+            m = min(image.shape[1], S - T)
+            return slice(0, T), text[:, 1:], slice(T, T + m), image[:, :m]
+        if self.config.v3_reference_loss:
+            # The reference's v3 slices: the last text position scores image[0] in the text vocabulary.
+            labels = torch.cat([text[:, 1:], image], dim=1)
+            return slice(0, T), labels[:, :T], slice(T, S - 1), labels[:, T:]
+        return slice(0, T - 1), text[:, 1:], slice(T - 1, T - 1 + image.shape[1]), image
+
+    def forward_loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``compute_loss`` from the layers' hidden states without the full logits tensor (the lean loss).
+
+        Only the scored positions go through the head, each over its own vocabulary rows, in chunks,
+        with a softmax cross-entropy in fp32 whose gradient is formed chunk by chunk
+        (:func:`linear_cross_entropy`). Numbers equal those of ``compute_loss(ids, logits=self(ids))``.
+        """
+        c = self.config
+        hidden = self.hidden_states(input_ids)  # [B, S, H]
+        head = self.to_logits[1]
+        if not _plain_linear(head):  # LoRA hooks, a quantised head: the dense path keeps their semantics
+            return self.compute_loss(input_ids, logits=self.to_logits(hidden))
+        t_pos, t_labels, i_pos, i_labels = self.loss_targets(input_ids, hidden.shape[1])
+        Vt = c.vocab_size
+
+        def mean_ce(pos: slice, labels: torch.Tensor, rows: slice) -> torch.Tensor:
+            x = self.to_logits[0](hidden[:, pos]).reshape(-1, hidden.shape[-1])  # [B t, H]
+            total = linear_cross_entropy(x, head.weight[rows], head.bias[rows], labels.reshape(-1))
+            return total / labels.numel()
+
+        loss_text = mean_ce(t_pos, t_labels, slice(0, Vt))
+        loss_image = mean_ce(i_pos, i_labels, slice(Vt, None))
+        w = c.loss_img_weight
+        return (loss_text + w * loss_image) / (w + 1), {"text": loss_text.detach(), "image": loss_image.detach()}
+
     def compute_loss(self, input_ids: torch.Tensor, logits: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted loss (text + w * image) / (w + 1), w = loss_img_weight (reference.md §1.6).
 
         Args:
             input_ids: (B, T + n) with n >= 1.
-            logits: optional precomputed ``self(input_ids)``.
+            logits: optional precomputed ``self(input_ids)``; without it the lean path
+                (:meth:`forward_loss`) runs, which never builds the (B, S, V) logits.
         Returns:
             (loss, {'text': text CE, 'image': image CE}); CEs are fp32 means over all positions
             (pads included, as in the reference).
         """
-        c = self.config
-        T, Vt = c.text_seq_length, c.vocab_size
         if logits is None:
-            logits = self(input_ids)
-        logits = logits.float()
-        text = self.prepare_text(input_ids[:, :T])
-        image = input_ids[:, T:]
-        if image.shape[1] == 0:
-            raise ValueError("compute_loss needs at least one image token after the text")
-        if c.hf_version == "v2":
-            # [BOS, text(T), image...]: position i predicts text[i] (i < T), position T + j predicts image[j].
-            text_logits, text_labels = logits[:, :T, :Vt], text[:, 1:]
-            m = min(image.shape[1], logits.shape[1] - T)
-            image_logits, image_labels = logits[:, T : T + m, Vt:], image[:, :m]
-        elif c.v3_reference_loss:
-            # The reference's v3 slices: the last text position scores image[0] in the text vocabulary.
-            labels = torch.cat([text[:, 1:], image], dim=1)
-            text_logits, text_labels = logits[:, :T, :Vt], labels[:, :T]
-            image_logits, image_labels = logits[:, T:-1, Vt:], labels[:, T:]
-        else:
-            text_logits, text_labels = logits[:, : T - 1, :Vt], text[:, 1:]
-            image_logits, image_labels = logits[:, T - 1 : T - 1 + image.shape[1], Vt:], image
-        loss_text = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), text_labels.reshape(-1))
-        loss_image = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), image_labels.reshape(-1))
-        w = c.loss_img_weight
+            return self.forward_loss(input_ids)
+        Vt = self.config.vocab_size
+        t_pos, t_labels, i_pos, i_labels = self.loss_targets(input_ids, logits.shape[1])
+        text_logits = logits[:, t_pos, :Vt].float()  # only the scored slices go to fp32
+        image_logits = logits[:, i_pos, Vt:].float()
+        loss_text = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), t_labels.reshape(-1))
+        loss_image = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), i_labels.reshape(-1))
+        w = self.config.loss_img_weight
         loss = (loss_text + w * loss_image) / (w + 1)
         return loss, {"text": loss_text.detach(), "image": loss_image.detach()}
 
@@ -351,3 +413,78 @@ class DalleModel(PretrainedMixin, nn.Module):
 def shrink_gradient(x: torch.Tensor, factor: float = 0.1) -> torch.Tensor:
     """CogView's trick: forward value unchanged, gradient into the embeddings scaled by ``factor``."""
     return factor * x + (1.0 - factor) * x.detach()
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is its weight and bias alone (no hooks, no adapters)."""
+    return (type(module) is nn.Linear and module.bias is not None and not module._forward_hooks
+            and not module._forward_pre_hooks and not hasattr(module, "lora_A"))
+
+
+LOSS_CHUNK_ELEMENTS = 2**22  # logits per chunk of the lean loss (16 MiB in fp32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(x_i W^T + b, y_i) with the gradient formed chunk by chunk in the forward pass.
+
+    Inputs are in the compute dtype (autocast's, or fp32); each chunk's logits are upcast to fp32 for
+    the log-sum-exp, and (softmax - one_hot) is cast back for the two gradient matmuls, whose
+    results accumulate in fp32. Nothing of size (rows, V) outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if need_b else None
+        for i in range(0, x.shape[0], chunk):
+            xc, yc = x[i : i + chunk], labels[i : i + chunk]
+            logits = torch.addmm(bias, xc, weight.t()).float()  # [c, V] fp32
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            total = total + (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_x or need_w or need_b:
+                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # d CE / d logits
+                gc = g.to(x.dtype)
+                if need_x:
+                    grad_x[i : i + chunk] = gc @ weight
+                if need_w:
+                    grad_w += gc.t() @ xc
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_x, grad_w, grad_b) if t is not None))
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.have = (need_x, need_w, need_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_out).to(dt) if have else None for have, dt in zip(ctx.have, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
+                         chunk_elements: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``x @ weight.T + bias`` against ``labels`` without the full logits.
+
+    Under autocast the matmuls run in autocast's dtype (as ``F.linear`` would); the softmax and the
+    sum are fp32.
+
+    Args:
+        x: [M, H]; weight: [V, H]; bias: [V]; labels: [M] long in 0..V-1.
+        chunk_elements: logits held at once (rows per chunk = chunk_elements // V); default
+            ``LOSS_CHUNK_ELEMENTS``.
+    Returns:
+        fp32 scalar: sum over the M rows of -log softmax(logits)[label].
+    """
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    chunk = max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // weight.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk)

@@ -269,9 +269,8 @@ def train_dalle(cfg: DalleTrainConfig, *, dataset: Any = None, tokenizer: Any = 
                 text_ids, codes = batches.next()
                 input_ids = torch.cat([text_ids, codes.to(text_ids.device)], dim=1).to(engine.device,
                                                                                        non_blocking=non_blocking)
-                with engine.autocast():
-                    logits = model(input_ids)  # through the DDP/FSDP wrapper so gradients are synchronised
-                loss, parts = bare.compute_loss(input_ids, logits=logits)
+                with engine.autocast():  # through the DDP/FSDP/compile wrapper so gradients are synchronised;
+                    loss, parts = model(input_ids, return_loss=True)  # the lean loss: no (B, S, V) logits
                 applied = engine.step(loss, optimizer, scheduler, model=model)
                 sums += torch.stack([loss.detach(), parts["text"].detach(), parts["image"].detach()]).float()
                 n_micro += 1

@@ -9,7 +9,8 @@ One object hides four ways of running a training step:
 - ``deepspeed``: ZeRO stage 0-3 through DeepSpeed (``pip install holst[deepspeed]``), as the
   ruDALL-E paper did.
 
-Precision: fp32 on CPU; bf16 autocast on GPUs that support it; fp16 autocast with dynamic loss
+Precision ('auto'): bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on
+other CPUs; fp16 autocast with dynamic loss
 scaling (GradScaler: initial scale ``loss_scale_init``, growth every ``loss_scale_window`` clean
 steps, the CogView settings, research/peers.md §4.5) on the others. A step whose gradients are
 inf/NaN is skipped (the optimizer and scheduler are not touched) and counted in ``skipped_steps``.
@@ -72,14 +73,30 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic (x86 AVX512-BF16 or AMX-BF16 in /proc/cpuinfo; Arm bf16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> fp32 on CPU/MPS, bf16 on CUDA GPUs that support it, fp16 on older GPUs."""
+    """'auto' -> bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA GPUs that
+    support it, fp16 on older GPUs, fp32 on other CPUs and MPS."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             log.warning("precision='fp16' on CPU is slow (meant for GPUs without bf16); it works for testing")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
     return "fp32"
 
 
@@ -88,7 +105,7 @@ class Engine:
 
     Args:
         cfg: a :class:`holst.config.TrainConfig` (or subclass). Fields read: backend, precision,
-            device, seed, out_dir, grad_accum, grad_clip, log_every, tensorboard, loss_scale_init,
+            compile, device, seed, out_dir, grad_accum, grad_clip, log_every, tensorboard, loss_scale_init,
             loss_scale_window, zero_stage, batch_size (DeepSpeed), fsdp_reshard_after_forward,
             ddp_find_unused_parameters, ddp_broadcast_buffers.
         install_signal_handler: catch SIGTERM (and SIGUSR1, sent by SLURM before a job's time
@@ -241,7 +258,17 @@ class Engine:
                 self._set_grad_sync(model, self.grad_accum == 1)
         if factory is not None:
             optimizer = factory(self.unwrap(model))
+        if getattr(self.cfg, "compile", False):
+            model = self._compile(model)
         return model, optimizer
+
+    def _compile(self, model: nn.Module) -> nn.Module:
+        """``torch.compile`` the (wrapped) model's forward: its step, backward included, runs as
+        fused kernels (C++ on CPU, Triton on CUDA); the first steps pay the compilation."""
+        if self.backend == "fsdp":
+            log.warning("compile: true is not applied under FSDP here; running eager")
+            return model
+        return torch.compile(model)
 
     def _prepare_fsdp(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
                       ) -> tuple[nn.Module, torch.optim.Optimizer | None]:

@@ -1,0 +1,166 @@
+"""Training speed paths: block-sparse attention, the lean loss, compiled steps, precision 'auto'.
+
+Each fast path is checked against the slow one it replaces (the dense masked attention and the
+reference-exact 'math' kernel; the loss over the full logits tensor; eager steps; fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import holst.dalle.model as dalle_model
+from holst.config import DalleConfig
+from holst.dalle import DalleModel, build_mask
+from holst.dalle.attention import attention_math, attention_sparse, sparse_layout
+from holst.presets import get_preset
+
+
+def qkv(B: int, nh: int, S: int, hd: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, nh, S, hd, generator=g).requires_grad_() for _ in range(3)]
+
+
+def grads_of(out: torch.Tensor, tensors: list[torch.Tensor], weight: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad((out * weight).sum(), tensors))
+
+
+# ------------------------------------------------------------------------------ block-sparse attention
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("T,D", [(16, 8), (6, 4), (128, 32)])
+def test_sparse_layout_is_the_mask_band(version, T, D):
+    layouts = {kind: sparse_layout(build_mask(kind, T, D, hf_version=version), T, D) for kind in ("row", "col", "conv")}
+    row, col, conv = layouts["row"], layouts["col"], layouts["conv"]
+    # row: the previous and the current image row; col: the own column only, in column order
+    assert (row.window, row.transpose) == (1, False) and (col.window, col.transpose) == (0, True)
+    # the v3 conv window (11 x 11, causal) spans 6 rows: a band only when that is a small part of the grid
+    if version == "v3" and D == 32:
+        assert (conv.window, conv.transpose) == (5, False)
+    else:
+        assert conv is None  # v2 wraps around the grid: no band; small grids: dense is as cheap
+
+
+def test_sparse_layout_rejects_masks_it_cannot_cover():
+    T, D = 6, 4
+    S = T + D * D
+    assert sparse_layout(torch.ones(S, S, dtype=torch.bool).tril(), T, D) is None  # full causal: no band
+    m = build_mask("row", T, D).clone()
+    m[T + 15, T] = True  # one far key: the band would miss it
+    assert sparse_layout(m, T, D) is None
+    assert sparse_layout(build_mask("row", T, D)[:-1, :-1], T, D) is None  # a partial sequence
+
+
+@pytest.mark.parametrize("kind,T,D", [("row", 16, 8), ("col", 16, 8), ("row", 5, 4), ("col", 5, 4),
+                                      ("conv", 12, 16)])
+def test_sparse_attention_equals_dense_masked_attention(kind, T, D):
+    mask = build_mask(kind, T, D)
+    layout = sparse_layout(mask, T, D)
+    assert layout is not None
+    q, k, v = qkv(2, 3, T + D * D, 8)
+    weight = torch.randn(2, 3, T + D * D, 8, generator=torch.Generator().manual_seed(1))
+    out = attention_sparse(q, k, v, layout)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    oracle = attention_math(q, k, v, mask, pb_relax=True)  # the reference's kernel, -10000 masking
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, oracle, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_of(out, [q, k, v], weight), grads_of(oracle, [q, k, v], weight)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_attention_dropout_drops_and_rescales():
+    T, D = 6, 4
+    layout = sparse_layout(build_mask("row", T, D), T, D)
+    q, k, v = qkv(4, 2, T + D * D, 8)
+    v_ones = torch.ones_like(v)
+    torch.manual_seed(0)
+    dropped = attention_sparse(q, k, v_ones, layout, dropout_p=0.5, training=True)
+    # with v = 1 each output is the sum of the kept probabilities x 2: some rows lose mass, some gain
+    assert not torch.allclose(dropped, torch.ones_like(dropped))
+    assert dropped.mean().item() == pytest.approx(1.0, abs=0.1)
+    assert torch.equal(attention_sparse(q, k, v, layout, dropout_p=0.5, training=False),
+                       attention_sparse(q, k, v, layout))
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_sparse_model_step_equals_math_model(version):
+    c = get_preset("tiny", hf_version=version)
+    torch.manual_seed(0)
+    ref = DalleModel(c, attn_impl="math")
+    fast = DalleModel(c, attn_impl="sparse")
+    fast.load_state_dict(ref.state_dict())
+    ids = sample_ids(c, 3)
+    out_ref, out_fast = ref(ids), fast(ids)  # training mode, dropout 0 in the tiny preset
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    ref.compute_loss(ids, logits=out_ref)[0].backward()  # the training loss: gradients of O(0.01..1)
+    fast.compute_loss(ids, logits=out_fast)[0].backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+    # a partial sequence (generation prefill) runs dense sdpa and still agrees
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids[:, :-5]), ref(ids[:, :-5]), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ lean loss
+
+
+def sample_ids(c: DalleConfig, B: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(4, c.bpe_vocab_size, (B, c.text_seq_length), generator=g)
+    text[0, 5:] = 0  # pads, scored as in the reference
+    return torch.cat([text, torch.randint(0, c.image_vocab_size, (B, c.image_seq_length), generator=g)], 1)
+
+
+@pytest.mark.parametrize("version,quirk", [("v2", False), ("v3", False), ("v3", True)])
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_lean_loss_equals_loss_over_full_logits(version, quirk, chunk, monkeypatch):
+    if chunk is not None:  # a few rows per chunk, so that several chunks add up
+        monkeypatch.setattr(dalle_model, "LOSS_CHUNK_ELEMENTS", chunk * 64)
+    c = get_preset("tiny", hf_version=version, v3_reference_loss=quirk, loss_img_weight=3.0)
+    torch.manual_seed(0)
+    model = DalleModel(c)
+    ids = sample_ids(c, 3)
+    dense, dparts = model.compute_loss(ids, logits=model(ids))
+    dense_grads = torch.autograd.grad(dense, list(model.parameters()))
+    lean, lparts = model(ids, return_loss=True)
+    lean_grads = torch.autograd.grad(lean, list(model.parameters()))
+    torch.testing.assert_close(lean, dense, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lparts["text"], dparts["text"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lparts["image"], dparts["image"], atol=1e-6, rtol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), lean_grads, dense_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lean_loss_under_bf16_autocast_matches_dense_and_keeps_fp32_grads():
+    c = get_preset("tiny")
+    torch.manual_seed(0)
+    model = DalleModel(c)
+    ids = sample_ids(c, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+        lean, _ = model(ids, return_loss=True)
+    dense, _ = model.compute_loss(ids, logits=logits)
+    assert lean.dtype == torch.float32
+    assert abs(lean.item() - dense.item()) < 2e-2
+    head = model.to_logits[1].weight
+    g_lean, = torch.autograd.grad(lean, [head])
+    g_dense, = torch.autograd.grad(dense, [head])
+    assert g_lean.dtype == torch.float32
+    assert F.cosine_similarity(g_lean.flatten(), g_dense.flatten(), dim=0).item() > 0.99
+
+
+def test_lean_loss_keeps_lora_on_the_head():
+    from holst.train.lora import apply_lora
+
+    c = get_preset("tiny")
+    torch.manual_seed(0)
+    model = DalleModel(c)
+    apply_lora(model, rank=2, alpha=4.0, targets=["to_logits.1"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.to_logits[1].lora_B.normal_()  # a non-zero update, so that skipping the hook would show
+    ids = sample_ids(c, 2)
+    lean, _ = model(ids, return_loss=True)
+    dense, _ = model.compute_loss(ids, logits=model(ids))
+    torch.testing.assert_close(lean, dense)
