@@ -351,6 +351,9 @@ def load_pairs(cfg: ClipTrainConfig, resolution: int, train_data: Any = None, ev
         return train, _as_pairs(eval_data, resolution, lang)[0]
     if train_data is not None:
         return train, None
+    if not (Path(cfg.data).is_file() or (Path(cfg.data) / "captions.jsonl").is_file()):
+        log.info("data=%s has no splits (a plain folder): no held-out evaluation", cfg.data)
+        return train, None
     parts = [p for p, _ in (_as_pairs(split_data(cfg.data, s, lang, resolution), resolution, lang, empty_ok=True)
                             for s in cfg.eval_splits) if p is not None]
     if not parts:
