@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from holst.config import ConfigError
 from holst.utils.persist import CheckpointError, load_state_dict_file, save_safetensors
 
 LORA_CONFIG = "lora.json"
@@ -57,7 +58,7 @@ def freeze_parameters(model: nn.Module, patterns: list[str] | tuple[str, ...]) -
                 break
     unused = [p for p in patterns if p not in used]
     if unused:
-        raise ValueError(f"freeze pattern(s) {unused} match no parameter; names look like "
+        raise ConfigError(f"freeze pattern(s) {unused} match no parameter; names look like "
                          f"{[n for n, _ in model.named_parameters()][:4]}")
     return frozen
 
@@ -104,7 +105,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str] 
         module._lora_handle = module.register_forward_hook(_lora_hook)
         adapted.append(name)
     if not adapted:
-        raise ValueError(f"lora_targets {list(targets)} match no nn.Linear module")
+        raise ConfigError(f"lora_targets {list(targets)} match no nn.Linear module")
     if freeze_base:
         for pname, p in model.named_parameters():
             p.requires_grad_(pname.endswith(".lora_A") or pname.endswith(".lora_B"))

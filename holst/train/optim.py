@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from holst.config import ConfigError
+
 # Module types whose weights never get weight decay.
 NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.EmbeddingBag,
@@ -66,7 +68,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     """
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
-        raise ValueError("no trainable parameters: every parameter is frozen (check the 'freeze' option)")
+        raise ConfigError("no trainable parameters: every parameter is frozen (check the 'freeze' option)")
     for g in groups:
         g.pop("names")
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
