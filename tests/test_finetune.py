@@ -29,18 +29,24 @@ REFERENCE = MODEL / "eval" / "recognise_reference.safetensors"
 
 
 def draw_concept(i: int, size: int = 64) -> Image.Image:
-    """Picture i of a concept no emoji shows: a lime triangle with purple stripes, a little moved and turned."""
+    """Picture i of a concept no emoji shows: a green diamond with a yellow dot, a little moved and resized.
+
+    (Chosen because the shipped 64 px VQGAN reproduces it: its reconstructions find the drawings among
+    their 5 nearest real images 13 times in 16; thin stripes or purple, which it cannot draw, it loses.)
+    """
     g = torch.Generator().manual_seed(i)
     jitter = lambda n: int(torch.randint(-n, n + 1, (), generator=g))  # noqa: E731
     s = size / 64
     im = Image.new("RGB", (size, size), "white")
     d = ImageDraw.Draw(im)
-    top, left = (32 + jitter(3), 8 + jitter(3)), (8 + jitter(3), 56 + jitter(2))
-    right = (56 + jitter(3), 56 + jitter(2))
-    d.polygon([tuple(v * s for v in p) for p in (top, left, right)], fill=(150, 220, 40), outline=(60, 20, 90))
-    for y in range(22, 56, 8):
-        d.line([(0, (y + jitter(1)) * s), (size, (y + jitter(1)) * s)], fill=(120, 40, 170), width=max(1, int(3 * s)))
-    return im.rotate(jitter(8), fillcolor="white") if i % 3 else im
+    cx, cy, r = 32 + jitter(3), 32 + jitter(3), 26 + jitter(2)
+    d.polygon([(cx * s, (cy - r) * s), ((cx + r) * s, cy * s), (cx * s, (cy + r) * s), ((cx - r) * s, cy * s)],
+              fill=(40, 170, 60), outline=(20, 60, 20))
+    d.ellipse([(cx - 9) * s, (cy - 9) * s, (cx + 9) * s, (cy + 9) * s], fill=(250, 210, 30))
+    return im
+
+
+CAPTION = "мой значок"
 
 
 def write_folder(root: Path, n: int, *, captions: str | None = "txt", size: int = 64) -> Path:
@@ -48,7 +54,7 @@ def write_folder(root: Path, n: int, *, captions: str | None = "txt", size: int 
     for i in range(n):
         draw_concept(i, size).save(root / f"p{i:02d}.png")
         if captions == "txt":
-            (root / f"p{i:02d}.txt").write_text("полосатый треугольник\n", encoding="utf-8")
+            (root / f"p{i:02d}.txt").write_text(CAPTION + "\n", encoding="utf-8")
     return root
 
 
@@ -82,7 +88,7 @@ def test_three_folder_layouts_any_size_and_mode_bad_files_counted(tmp_path):
     Image.new("L", (20, 20), 100).save(txt / "nocaption.png")
     p = load_pictures(txt, 16)
     assert p.images.shape == (5, 3, 16, 16) and 0 <= p.images.min() and p.images.max() <= 1
-    assert sorted(set(p.captions)) == ["высокая", "полоса", "полосатый треугольник"]
+    assert sorted(set(p.captions)) == sorted(["высокая", "полоса", CAPTION])
     assert sum(p.skipped.values()) == 2 and p.skipped["no_caption"] == 1  # broken.png + nocaption.png
     # one caption for every picture: the .txt files are ignored, the uncaptioned image is used too
     p = load_pictures(txt, 16, caption="мой кот")
@@ -130,7 +136,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, capsys):
 
 
 def test_flip_rules_and_augmentation():
-    assert may_flip("полосатый треугольник") and may_flip("a red apple")
+    assert may_flip(CAPTION) and may_flip("a red apple")
     for caption in ("стрелка влево", "arrow pointing right", "буква Б", "the letter H", "цифра 7", "надпись"):
         assert not may_flip(caption), caption
     assert may_flip("буква Б", "yes") and not may_flip("кот", "no")
@@ -144,10 +150,10 @@ def test_flip_rules_and_augmentation():
 
 def test_plan_chooses_full_finetune_small_lora_large_and_scales_steps():
     cfg = FinetuneConfig()
-    assert resolve_plan(cfg, 20, 6_000_000) == {"steps": 120, "lr": 3e-4, "lora_rank": 0}
-    assert resolve_plan(cfg, 20, 1_300_000_000) == {"steps": 120, "lr": 1e-3, "lora_rank": 16}
+    assert resolve_plan(cfg, 20, 6_000_000) == {"steps": 160, "lr": 1e-3, "lora_rank": 0}
+    assert resolve_plan(cfg, 20, 1_300_000_000) == {"steps": 160, "lr": 2e-3, "lora_rank": 16}
     assert resolve_plan(cfg, 3, 1)["steps"] == cfg.min_steps and resolve_plan(cfg, 500, 1)["steps"] == cfg.max_steps
-    assert resolve_plan(FinetuneConfig(lora_rank=0, steps=7), 20, 10**10) == {"steps": 7, "lr": 3e-4, "lora_rank": 0}
+    assert resolve_plan(FinetuneConfig(lora_rank=0, steps=7), 20, 10**10) == {"steps": 7, "lr": 1e-3, "lora_rank": 0}
     with pytest.raises(Exception, match="lora_rank"):
         FinetuneConfig(lora_rank=-2)
 
@@ -169,10 +175,10 @@ def test_finetune_tiny_pipeline_writes_a_loadable_pipeline_that_learned(tmp_path
     folder = write_folder(tmp_path / "pics", 6, size=40)
     pictures = load_pictures(folder, tiny_pipe.image_size)
     codes = torch.stack([it["codes"] for it in encode_pictures(tiny_pipe.vqgan, pictures, variants=1)])
-    before = _image_loss(tiny_pipe, codes, "полосатый треугольник")
+    before = _image_loss(tiny_pipe, codes, CAPTION)
     out = tmp_path / "tuned"
     new = finetune(tiny_pipe, folder, out, steps=30, sample_every=15, lr=3e-3, device="cpu")
-    after = _image_loss(new, codes, "полосатый треугольник")
+    after = _image_loss(new, codes, CAPTION)
     assert after < before - 0.3, (before, after)
     loaded = Text2ImagePipeline.from_pretrained(out)
     assert loaded.config.components == tiny_pipe.config.components
@@ -185,12 +191,12 @@ def test_finetune_tiny_pipeline_writes_a_loadable_pipeline_that_learned(tmp_path
     assert not (out / "checkpoint.pt").exists() and not (out / "final").exists()
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step_0000015.png", "step_0000030.png"]
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "## Fine-tune" in card and "6 pictures" in card and "полосатый треугольник" in card
+    assert "## Fine-tune" in card and "6 pictures" in card and CAPTION in card
     record = json.loads((out / "finetune.json").read_text(encoding="utf-8"))
     assert record["steps"] == 30 and record["lora_rank"] == 0 and record["pictures"] == 6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = loaded("полосатый треугольник", num_images=2, seed=0, rerank=0, upscale=1)
+        img = loaded(CAPTION, num_images=2, seed=0, rerank=0, upscale=1)
     assert len(img.images) == 2
     with pytest.raises(FinetuneError, match="exists already"):
         finetune(tiny_pipe, folder, out, steps=1)
@@ -212,3 +218,55 @@ def test_check_caption(tiny_pipe):
     assert check_caption(tiny_pipe, "  мой   кот ") == "мой кот"
     with pytest.raises(FinetuneError, match="empty"):
         check_caption(tiny_pipe, "\n")
+
+
+# ------------------------------------------------------------------------------------------------ the shipped model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MODEL / "pipeline.json").is_file() or not REFERENCE.is_file(),
+                    reason="models/default or its recognition reference is not there")
+def test_shipped_model_learns_a_new_concept_and_other_captions_do_not_turn_into_it(tmp_path):
+    """16 drawn pictures of a concept the shipped model never saw (a green diamond with a yellow dot), one
+    caption, the default recipe (128 steps, lr 1e-3, 64 prior pictures; ~1.5 minutes on one thread).
+
+    Recognisability (holst.eval.recognise) against all 8,023 real images of the model's data plus the 16
+    drawings: before, no generated image of the caption has a drawing among its 5 nearest real images;
+    after, at least half do (13/16 when the defaults were chosen). Images of 16 other captions: their own
+    concept's hits stay at what they were (about none: today's model), and almost none of them turns into
+    the new concept (without the prior pictures 13 of 64 did).
+    """
+    from holst.eval.features import EffLite0Features, extract_features
+    from holst.eval.recognise import RealReference, generate_images, nearest_hits, pick_concepts
+    from holst.pipeline import Text2ImagePipeline
+    from holst.utils.images import pil_to_tensor
+
+    net = EffLite0Features().eval()
+    base = RealReference.load(REFERENCE)
+    drawings = torch.stack([pil_to_tensor(draw_concept(i)) for i in range(16)])
+    ref = base.with_images(extract_features(net, drawings), "drawn", caption=CAPTION)
+    others = pick_concepts(base, "train", 16, seed=0)
+    new_id = torch.full((16,), ref.index["drawn"])
+    other_ids = torch.tensor([ref.index[c] for c in others]).repeat_interleave(2)
+
+    def measure(pipe):
+        images, _ = generate_images(pipe, [CAPTION], num_images=16, seed=123)
+        new_hits = nearest_hits(ref.project(extract_features(net, images)), new_id, ref.features, ref.concept_ids)
+        images, _ = generate_images(pipe, [ref.info[c]["ru"] for c in others], num_images=2, seed=0)
+        feats = ref.project(extract_features(net, images))
+        own = nearest_hits(feats, other_ids, ref.features, ref.concept_ids)
+        turned = nearest_hits(feats, torch.full_like(other_ids, ref.index["drawn"]), ref.features, ref.concept_ids)
+        return int(new_hits.sum()), int(own.sum()), int(turned.sum())
+
+    pipe = Text2ImagePipeline.from_pretrained(MODEL)
+    before = measure(pipe)
+    folder = write_folder(tmp_path / "pictures", 16, captions=None)
+    new = finetune(pipe, folder, tmp_path / "mine", caption=CAPTION, device="cpu")
+    after = measure(new)
+    print(f"\nnew concept hits {before[0]}/16 -> {after[0]}/16; other captions' own hits {before[1]}/32 -> "
+          f"{after[1]}/32; other captions that look like the new concept {before[2]}/32 -> {after[2]}/32")
+    assert before[0] <= 1, before
+    assert after[0] >= 8, after
+    assert after[1] >= before[1] - 2, (before, after)
+    assert after[2] <= 3, (before, after)
+    assert len(list((tmp_path / "mine" / "samples").glob("*.png"))) == 4
