@@ -19,12 +19,18 @@ done
 
 # Debian packages of the tests (--dev only); apt-get runs only when one is missing.
 apt_install() {
-  local missing=() omp
+  local missing=() omp libs py=${PYTHON:-python3}
+  libs=$( (command -v ldconfig >/dev/null && ldconfig -p) || /sbin/ldconfig -p)
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
-  ldconfig -p | grep -q 'libvulkan\.so\.1 ' || missing+=(libvulkan1)
+  grep -q 'libvulkan\.so\.1 ' <<<"$libs" || missing+=(libvulkan1)
   command -v npm >/dev/null || missing+=(npm)
-  if ! ldconfig -p | grep -q 'libomp\.so\.5 '; then
+  # the venv (ensurepip) and the YouTokenToMe build (a C++ compiler, Python.h)
+  [ -x .venv/bin/python ] || "$py" -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
+  command -v g++ >/dev/null || missing+=(g++)
+  "$py" -c "import os, sysconfig; assert os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h')" \
+    2>/dev/null || missing+=(python3-dev)
+  if ! grep -q 'libomp\.so\.5 ' <<<"$libs"; then
     omp=$(apt-cache pkgnames libomp5- 2>/dev/null | grep -E '^libomp5-[0-9]+$' | sort -V | tail -1 || true)
     missing+=("${omp:-libomp5-14}")  # bookworm: libomp5-14; the newest LLVM's when the list knows others
   fi
