@@ -377,7 +377,8 @@ def recognise(pipe: Any, reference: RealReference, concepts: Sequence[str], net:
             "ceiling": float(ceiling.float().mean()), "n_captions": len(concepts), "n_images": int(hits.numel()),
             "n_real_ceiling": int(ceiling.numel()), "k": k,
             "median_rank": float(ranks.double().median()), "median_rank_real": float(real_ranks.double().median()),
-            "median_rank_chance": median_rank_chance(reference.concept_ids, ids), "n_reference": len(reference.concepts),
+            "median_rank_chance": median_rank_chance(reference.concept_ids, ids),
+            "n_reference": len(reference.concepts),
             "per_caption": [{"concept": c, "caption": cap, "hits": int(per[i].sum()), "seeds": outs[i].seeds}
                             for i, (c, cap) in enumerate(zip(concepts, captions))],
             "sampling": outs[0].settings if outs else {}, "images": images}
