@@ -44,14 +44,14 @@ fi
 step "3/9 clip -> $RUNS/clip/final"
 done_already "$RUNS/clip/final/model.safetensors" || \
   $HOLST train clip --config configs/train/clip_emoji64.yaml --set data=data/default \
-    --set tokenizer="$RUNS/tokenizer" --set out_dir="$RUNS/clip" --set max_minutes=30 --set max_steps=1200 --resume
+    --set tokenizer="$RUNS/tokenizer" --set out_dir="$RUNS/clip" --set max_minutes=30 --set max_steps=1200 --resume if-present
 
 # 4. VQGAN: 64 px -> 8x8 codes of 512 (the emoji64 layout of this build: ch_mult 1,2,2,4).
 step "4/9 vqgan -> $RUNS/vqgan/final"
 done_already "$RUNS/vqgan/final/model.safetensors" || \
   $HOLST train vqgan --config configs/train/vqgan_emoji64.yaml --set data=data/default --set out_dir="$RUNS/vqgan" \
     --set 'model_overrides={ch_mult: [1, 2, 2, 4]}' --set batch_size=16 --set max_steps=900 --set eval_every=300 \
-    --set save_every=300 --set log_every=25 --set warmup_steps=50 --set lr=2e-3 --resume
+    --set save_every=300 --set log_every=25 --set warmup_steps=50 --set lr=2e-3 --resume if-present
 
 # 5. Code shards: every training image encoded once.
 step "5/9 codes -> $RUNS/codes/train"
@@ -64,7 +64,7 @@ done_already "$RUNS/vqgan_dec/final/model.safetensors" || \
   $HOLST train vqgan --config configs/train/vqgan_emoji64.yaml --set data=data/default --set out_dir="$RUNS/vqgan_dec" \
     --set init_from="$RUNS/vqgan/final" --set 'freeze=[encoder.*, quant_conv.*, quantize.*]' --set batch_size=16 \
     --set max_steps=1200 --set eval_every=400 --set save_every=200 --set log_every=50 --set warmup_steps=20 \
-    --set lr=1e-3 --set num_threads=1 --resume
+    --set lr=1e-3 --set num_threads=1 --resume if-present
 
 # 7. Transformer: the 'emoji' preset made smaller (6 layers x 256), 1600 steps of 32, then 1200 more from there.
 step "7/9 dalle -> $RUNS/dalle2/final"
@@ -73,10 +73,10 @@ DALLE_COMMON=(--config configs/train/dalle_emoji.yaml --set tokenizer="$RUNS/tok
 done_already "$RUNS/dalle/final/model.safetensors" || \
   $HOLST train dalle "${DALLE_COMMON[@]}" --set out_dir="$RUNS/dalle" --set model_overrides.num_layers=6 \
     --set model_overrides.hidden_size=256 --set model_overrides.num_attention_heads=4 --set max_steps=1600 \
-    --set lr=1e-3 --set warmup_steps=50 --set sample_every=400 --resume
+    --set lr=1e-3 --set warmup_steps=50 --set sample_every=400 --resume if-present
 done_already "$RUNS/dalle2/final/model.safetensors" || \
   $HOLST train dalle "${DALLE_COMMON[@]}" --set out_dir="$RUNS/dalle2" --set init_from="$RUNS/dalle/final" \
-    --set max_steps=1200 --set lr=5e-4 --set warmup_steps=20 --set sample_every=600 --set num_threads=1 --resume
+    --set max_steps=1200 --set lr=5e-4 --set warmup_steps=20 --set sample_every=600 --set num_threads=1 --resume if-present
 
 # 8. The pipeline directory: transformer and CLIP in bf16, VQGAN in fp32. The Real-ESRGAN x4 weights are
 #    converted into $OUT/superres by setup.sh (not committed) and used when present.
