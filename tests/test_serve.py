@@ -162,6 +162,13 @@ def test_invalid_requests(server, body, status, words):
     assert got == status and words in res["error"] and res["status"] == status
 
 
+def test_replies_encode_any_text():
+    from holst.serve.schemas import dumps
+
+    reply = json.loads(dumps({"error": "a\ud800b", "x": float("nan"), "y": [float("inf"), 1.5]}))
+    assert reply == {"error": "a\ud800b", "x": None, "y": [None, 1.5]}
+
+
 def test_body_limits(server):
     cap = ServeConfig().max_body_bytes
     status, hdrs, payload = server.request("POST", "/v1/generate", raw=b"{" + b" " * (cap + 10) + b"}")
