@@ -30,7 +30,7 @@ CAPTIONS = [f"красный круг {i % 4}" if i % 2 else f"синий ква
 def data(tmp_path_factory) -> dict[str, Path]:
     """A BPE tokenizer, one code shard of 16 learnable samples and a random 'tiny' base model."""
     d = tmp_path_factory.mktemp("train_features")
-    text_mod.BPETokenizer.train(CAPTIONS * 4, vocab_size=60, lowercase=True).save_pretrained(d / "tok")
+    text_mod.BPETokenizer.train(CAPTIONS * 4, vocab_size=46, lowercase=True).save_pretrained(d / "tok")
     codes = torch.stack([(torch.arange(16) * (1 + i % 2) + i % 4) % 64 for i in range(16)]).reshape(16, 4, 4)
     codes_mod.write_code_shard(d / "codes" / "shard-000.safetensors", codes, {"ru": CAPTIONS})
     torch.manual_seed(11)
