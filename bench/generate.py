@@ -8,16 +8,20 @@ residual over it, projects only new tokens but grows K/V/attention-output caches
 multiplies a dense [B, 1, L, L] float mask by the layer mask, masks with -10000, computes the full
 24704-style logits for every position, and samples with top-k/top-p + torch.multinomial.
 
-Reports images/s, ms per token step (whole call / N), process CPU seconds (the fair comparison when
-other jobs share the machine: wall time then depends on their load), peak memory (CUDA: max allocated; CPU: peak
-RSS growth during the call, sampled every 2 ms) and the speed-up. Prints one JSON object.
+Reports, per batch size and holst mode (eager / static / compile / graph): images/s end to end, the
+milliseconds to the first token (prefill) and between later tokens (steady-state decode step), the
+one-off compile/capture seconds, process CPU seconds (the fair comparison when other jobs share the
+machine), peak memory (CUDA: max allocated; CPU: peak RSS growth, sampled every 2 ms), optionally
+the VQGAN decode time, and the speed-up over the reference-style loop. Prints one JSON object.
 
-    .venv/bin/python bench/generate.py [--preset emoji] [--batch-sizes 1,8] [--dtype fp32] [--int8]
+    .venv/bin/python bench/generate.py [--preset small --layers 6 | --model models/default/dalle]
+        [--batch-sizes 1,8] [--modes eager,compile] [--dtype fp32] [--int8] [--vqgan models/default/vqgan]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -27,6 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import sync
 
 from holst.dalle import DalleModel
 from holst.dalle.attention import attention_math
@@ -167,15 +172,60 @@ def measure(fn, device: torch.device, repeats: int) -> dict:
     return {"seconds": best, "cpu_seconds": best_cpu, "peak_mem_mb": round(peak_mb, 1)}
 
 
+def step_profile(fn_call, device: torch.device) -> dict:
+    """One call of ``fn_call(progress)`` with a per-token callback: milliseconds to the first token
+    (prefill + first sample) and the median milliseconds between later tokens (steady-state step)."""
+    stamps: list[float] = []
+
+    def progress(step: int, total: int, codes: torch.Tensor) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    fn_call(progress)
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    return {"prefill_ms": round(1000 * (stamps[0] - t0), 3), "step_ms": round(1000 * gaps[len(gaps) // 2], 3)}
+
+
+def load_model(args, device: torch.device, dtype: torch.dtype | None) -> tuple[DalleModel, str]:
+    """The transformer to time: a saved model directory, or a preset with random weights."""
+    if args.model:
+        model = DalleModel.from_pretrained(args.model)
+        return model.to(device=device, dtype=dtype).eval(), args.model
+    preset = args.preset or ("malevich" if device.type == "cuda" else "emoji")
+    overrides = dict(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    if args.layers:
+        overrides["num_layers"] = args.layers
+    torch.manual_seed(0)
+    model = DalleModel(get_preset(preset, **overrides)).to(device=device, dtype=dtype).eval()
+    return model, preset + (f" ({args.layers} layers)" if args.layers else "")
+
+
+def vqgan_decode_times(vqgan_dir: str, codes: torch.Tensor, device: torch.device) -> dict:
+    """Seconds to decode (B, N) codes one image at a time (the pipeline's byte-stable default) and batched."""
+    from holst.vqgan import VQGAN
+
+    vq = VQGAN.from_pretrained(vqgan_dir).to(device).eval()
+    D = math.isqrt(codes.shape[1])
+    grids = codes.reshape(-1, D, D).to(device)
+    with torch.inference_mode():
+        one = measure(lambda: [vq.decode(g[None]) for g in grids], device, 2)["seconds"]
+        batched = measure(lambda: vq.decode(grids), device, 2)["seconds"]
+    return {"per_image_s": round(one, 4), "batched_s": round(batched, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, help="default: emoji on CPU, malevich on CUDA")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's num_layers")
+    ap.add_argument("--model", default=None, help="a saved DalleModel directory (e.g. models/default/dalle)")
+    ap.add_argument("--vqgan", default=None, help="a saved VQGAN directory: also time decoding the codes")
     ap.add_argument("--batch-sizes", default=None, help="comma list (default 1,8 on CPU; 1,8,32 on CUDA)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (model weights)")
+    ap.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32, or as saved with --model)")
     ap.add_argument("--int8", action="store_true", help="int8 weight-only linear layers for holst's path")
-    ap.add_argument("--static-cache", action="store_true", help="fixed-shape decode steps")
-    ap.add_argument("--cuda-graph", action="store_true", help="CUDA graph decode step (CUDA only)")
+    ap.add_argument("--modes", default="eager,compile", help="holst modes: eager, static, compile, graph (CUDA)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="holst path only (baseline has no CFG)")
     ap.add_argument("--top-k", type=int, default=2048)
     ap.add_argument("--top-p", type=float, default=0.995)
@@ -184,30 +234,30 @@ def main() -> None:
     ap.add_argument("--baseline-repeats", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--baseline-max-batch", type=int, default=64, help="skip the slow baseline above this batch")
+    ap.add_argument("--out", default=None, help="also write the JSON report here")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    preset = args.preset or ("malevich" if device.type == "cuda" else "emoji")
+    dtype = resolve_dtype(args.dtype, device) if args.dtype or not args.model else None
+    model, name = load_model(args, device, dtype)
+    cfg = model.config
     sizes = [int(s) for s in (args.batch_sizes or ("1,8,32" if device.type == "cuda" else "1,8")).split(",")]
-    cfg = get_preset(preset, embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = DalleModel(cfg).to(device=device, dtype=dtype).eval()
+    modes = [m for m in args.modes.split(",") if m]
     baseline_model = model
     if args.int8:
-        baseline_model = DalleModel(cfg).to(device=device, dtype=dtype).eval()
-        baseline_model.load_state_dict(model.state_dict())
+        baseline_model = copy.deepcopy(model)
         quantize_linear_layers(model)
     N = cfg.image_seq_length
     report = {
-        "bench": "generate", "preset": preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "int8": args.int8, "static_cache": args.static_cache, "cuda_graph": args.cuda_graph,
+        "bench": "generate", "model": name, "device": str(device),
+        "dtype": str(model.image_embeddings.weight.dtype).replace("torch.", ""), "int8": args.int8, "modes": modes,
         "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
         "threads": torch.get_num_threads(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cpus" if device.type == "cpu" else torch.cuda.get_device_name(),
-        "image_tokens": N, "weights_mb": round(weight_bytes(model) / 2**20, 1), "results": [],
+        "layers": cfg.num_layers, "hidden": cfg.hidden_size, "image_tokens": N,
+        "weights_mb": round(weight_bytes(model) / 2**20, 1), "results": [],
     }
     with torch.inference_mode():
         report["baseline_logit_check_max_abs"] = check_baseline(baseline_model)
@@ -215,22 +265,39 @@ def main() -> None:
     warm_text = torch.randint(4, cfg.bpe_vocab_size, (1, cfg.text_seq_length), generator=g).to(device)
     sample_image_codes(model, warm_text, top_k=args.top_k, top_p=args.top_p, seeds=[0])  # first-call costs
     for bs in sizes:
-        text = torch.randint(4, cfg.bpe_vocab_size, (bs, cfg.text_seq_length), generator=g).to(device)
+        text = torch.randint(4, cfg.bpe_vocab_size, (1, cfg.text_seq_length), generator=g).to(device)
         text[:, cfg.text_seq_length // 2 :] = 0
-        ours = measure(lambda text=text, bs=bs: sample_image_codes(
-            model, text, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale,
-            seeds=list(range(bs)), static_cache=args.static_cache, cuda_graph=args.cuda_graph), device, args.repeats)
-        row = {"batch_size": bs, "holst": _rates(ours, bs, N)}
+        text = text.expand(bs, -1)  # one caption, bs images (what a pipeline call samples)
+        row: dict = {"batch_size": bs}
+        for mode in modes:
+            kw = dict(top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale, seeds=list(range(bs)),
+                      static_cache=mode == "static", compile=mode == "compile", cuda_graph=mode == "graph",
+                      free_cache=False, return_perplexity=True)
+            t0 = time.perf_counter()
+            codes, _ = sample_image_codes(model, text, **kw)  # compiles / captures once per shape
+            sync(device)
+            first = time.perf_counter() - t0
+            ours = measure(lambda kw=kw, text=text: sample_image_codes(model, text, **kw), device, args.repeats)
+            steps = step_profile(lambda cb, kw=kw, text=text: sample_image_codes(model, text, progress=cb, **kw),
+                                 device)
+            row[mode] = {**_rates(ours, bs, N), **steps,
+                         "capture_s": round(max(first - ours["seconds"], 0.0), 3)}
+        if args.vqgan:
+            row["vqgan_decode"] = vqgan_decode_times(args.vqgan, codes, device)
         if not args.no_baseline and bs <= args.baseline_max_batch:
             gen = torch.Generator(device=device).manual_seed(0)
             ref = measure(lambda text=text, gen=gen: reference_style_generate(
                 baseline_model, text, args.top_k, args.top_p, gen), device, args.baseline_repeats)
             row["reference_style"] = _rates(ref, bs, N)
-            row["speedup"] = round(ref["seconds"] / ours["seconds"], 2)
-            row["speedup_cpu_time"] = round(ref["cpu_seconds"] / ours["cpu_seconds"], 2)
+            for mode in modes:
+                row[f"speedup_{mode}"] = round(ref["seconds"] / row[mode]["seconds"], 2)
         report["results"].append(row)
         print(json.dumps(row), flush=True)
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 def _rates(m: dict, bs: int, N: int) -> dict:

@@ -849,7 +849,7 @@ class SamplingConfig(ConfigBase):
     ``top_k`` 0 disables top-k; ``top_p`` is applied whenever it lies in [0, 1] (the reference's
     semantics); ``guidance_scale`` None or 1.0 = no classifier-free guidance; ``batch_size`` None =
     all images at once; ``static_cache``/``cuda_graph`` = fixed-shape decode steps / CUDA graph replay
-    (``cuda_graph`` needs a CUDA model).
+    (``cuda_graph`` needs a CUDA model); ``compile`` = torch.compile of the decode step (CPU or CUDA).
     """
 
     top_k: int = 2048
@@ -860,6 +860,7 @@ class SamplingConfig(ConfigBase):
     progress_interval: int = 1
     static_cache: bool = False
     cuda_graph: bool = False
+    compile: bool = False
     free_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -873,7 +874,7 @@ class SamplingConfig(ConfigBase):
                    f"batch_size={self.batch_size!r} must be a positive integer or null")
         _check(isinstance(self.progress_interval, int) and self.progress_interval > 0,
                f"progress_interval={self.progress_interval!r} must be a positive integer")
-        for name in ("static_cache", "cuda_graph", "free_cache"):
+        for name in ("static_cache", "cuda_graph", "compile", "free_cache"):
             _check(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be true or false")
 
 

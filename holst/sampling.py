@@ -379,8 +379,8 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
             graph is kept on the model and reused by later calls with the same rows and settings.
         compile: ``torch.compile`` the static decode step (CPU inductor or CUDA), kept and reused
             like the graph; the first call per shape pays the compilation.
-        free_cache: drop the caches kept for ``cuda_graph``/``compile`` (and CUDA's cached blocks)
-            when the call ends.
+        free_cache: empty CUDA's cached blocks when the call ends (once, not per batch). The compiled
+            steps and graphs stay on the model for reuse; :func:`clear_decode_sessions` frees them.
         return_perplexity: also return :func:`image_perplexity`-equal scores, computed from the
             generation's own logits (no extra forward).
     Returns:
@@ -410,8 +410,6 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
                                    mode=mode, want_ppl=return_perplexity)
             codes.append(c)
             ppls.append(p)
-    if free_cache and mode in ("graph", "compile"):
-        clear_decode_sessions(model)
     if free_cache and device.type == "cuda":
         torch.cuda.empty_cache()  # once per call, not per batch
     codes = torch.cat(codes)
@@ -457,21 +455,22 @@ def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tenso
     logits = session.first_logits(text_ids)  # (R, V) predicting image token 0
     ce = torch.zeros(b, N, device=device) if want_ppl else None
     sampled = session.sample(logits, 0)
-    for j in range(N):
-        if known_all[j]:
-            tok = codes[:, j]
-        else:
-            tok = torch.where(prompt[1][:, j], codes[:, j], sampled) if per_image else sampled
-            codes[:, j] = tok
-        if progress is not None and ((j + 1) % progress_interval == 0 or j == N - 1):
-            progress(j + 1, N, codes[:, : j + 1])
-        if j == N - 1:
+    with session.guards():
+        for j in range(N):
+            if known_all[j]:
+                tok = codes[:, j]
+            else:
+                tok = torch.where(prompt[1][:, j], codes[:, j], sampled) if per_image else sampled
+                codes[:, j] = tok
+            if progress is not None and ((j + 1) % progress_interval == 0 or j == N - 1):
+                progress(j + 1, N, codes[:, : j + 1])
+            if j == N - 1:
+                if want_ppl:
+                    ce[:, j] = _token_ce(logits[:b], tok)
+                break
+            logits, sampled, ce_j = session.step(tok, j, logits[:b])
             if want_ppl:
-                ce[:, j] = _token_ce(logits[:b], tok)
-            break
-        logits, sampled, ce_j = session.step(tok, j, logits[:b])
-        if want_ppl:
-            ce[:, j] = ce_j
+                ce[:, j] = ce_j
     # The reference scores tokens 1..N-1 (image[0] is predicted from the text, reference.md §2 step 5).
     return codes, (ce_to_ppl(ce[:, 1:]) if want_ppl else None)
 
@@ -505,7 +504,10 @@ class _DecodeSession:
         self.index = torch.arange(cfg.image_seq_length, device=w.device)  # step indices as 0-dim tensors
         self.fn: Callable[..., tuple[torch.Tensor, ...]] = self._step
         if mode == "compile":
-            self.fn = torch.compile(self._step, dynamic=False)
+            # freezing: weights become constants of the compiled graph (packed for oneDNN on CPU), so
+            # the session key carries the weights' version counters (see _session)
+            self.fn = torch.compile(self._step, dynamic=False, options={"freezing": True})
+        self.calls = 0
         self.graph: _CudaGraphStep | None = None
 
     def first_logits(self, text_ids: torch.Tensor) -> torch.Tensor:
@@ -556,7 +558,16 @@ class _DecodeSession:
             if self.graph is None:
                 self.graph = _CudaGraphStep(self._step, (tok, self.index[j], prev), tok.device)
             return self.graph(tok, self.index[j], prev)
+        self.calls += 1
         return self.fn(tok, self.index[j], prev)
+
+    def guards(self) -> contextlib.AbstractContextManager:
+        """Where the loop runs: once a compiled session has run (all guards checked, compiled), later
+        batches keep its shapes and objects, so only the differentiating guards run (a guard check
+        costs about as much as a small model's whole step on CPU)."""
+        if self.mode == "compile" and self.calls > 0:
+            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
 
 
 _SESSIONS_KEPT = 4  # compiled/graph sessions kept per model (least recently used dropped first)
@@ -570,7 +581,9 @@ def _session(model: DalleModel, rows: int, group: int, b: int, mode: str, top_k:
         return _DecodeSession(model, *args)
     w = model.image_embeddings.weight
     kept: dict = model.__dict__.setdefault("_holst_decode_sessions", {})
-    key = (*args, w.device, w.dtype)
+    versions = tuple(p._version for p in model.parameters())  # bumped by in-place updates (optimizer steps)
+    # inference_mode changes what the compiled step may assume (a new compilation, so a new session)
+    key = (*args, w.device, w.dtype, versions, torch.is_inference_mode_enabled())
     if key in kept:
         kept[key] = kept.pop(key)  # most recent last
     else:
