@@ -270,3 +270,10 @@ def test_shipped_model_learns_a_new_concept_and_other_captions_do_not_turn_into_
     assert after[1] >= before[1] - 2, (before, after)
     assert after[2] <= 3, (before, after)
     assert len(list((tmp_path / "mine" / "samples").glob("*.png"))) == 4
+
+
+def test_minutes_caps_the_steps(tmp_path, tiny_pipe):
+    folder = write_folder(tmp_path / "pics", 4, size=20)
+    finetune(tiny_pipe, folder, tmp_path / "quick", caption="кот", minutes=0.0005, prior_images=0, device="cpu")
+    record = json.loads((tmp_path / "quick" / "finetune.json").read_text())
+    assert 1 <= record["steps"] < FinetuneConfig().min_steps  # 0.03 s cannot hold 80 steps
