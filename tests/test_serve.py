@@ -653,3 +653,30 @@ def test_cli_serves_with_holst_token_and_config(tmp_path, pipe):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, -15) and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_cli_workers_share_one_port(tmp_path, pipe):
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "holst", "serve", "--model", str(model), "--port", str(port),
+                             "--workers", "2", "--device", "cpu", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    s = Server.__new__(Server)
+    s.port = port
+    try:
+        def up():
+            try:
+                return s.request("GET", "/health", timeout=2)[0] == 200
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                return False
+
+        _wait_for(up, timeout=90)
+        status, _, res = s.json("POST", "/v1/generate", {"prompt": "кот", "num_images": 1, "seed": 4})
+        assert status == 200 and s.request("GET", res["images"][0]["url"])[0] in (200, 404)  # a store per worker
+    finally:
+        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+    assert b"2 worker processes" in err
