@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -506,7 +507,12 @@ class _DecodeSession:
         if mode == "compile":
             # freezing: weights become constants of the compiled graph (packed for oneDNN on CPU), so
             # the session key carries the weights' version counters (see _session)
-            self.fn = torch.compile(self._step, dynamic=False, options={"freezing": True})
+            # A private copy of the step's code object gives this session its own dynamo cache (one
+            # entry), so skipping the guard checks after the first call (guards()) cannot pick another
+            # session's graph.
+            f = _DecodeSession._step
+            own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+            self.fn = torch.compile(types.MethodType(own, self), dynamic=False, options={"freezing": True})
         self.calls = 0
         self.graph: _CudaGraphStep | None = None
 

@@ -442,6 +442,9 @@ def test_compiled_step_same_codes_and_reused() -> None:
     kept = dict(model.__dict__["_holst_decode_sessions"])
     b = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, free_cache=False, **KW)
     assert torch.equal(b, eager) and list(kept.values()) == list(model.__dict__["_holst_decode_sessions"].values())
+    with torch.inference_mode():  # the pipeline's mode: its own session, then back to the first one
+        assert torch.equal(sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, **KW), eager)
+    assert torch.equal(sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, **KW), eager)
     from holst.sampling import clear_decode_sessions
 
     clear_decode_sessions(model)
