@@ -73,10 +73,10 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True on CPUs with bf16 arithmetic (x86 AVX512-BF16 or AMX-BF16 in /proc/cpuinfo; Arm bf16)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
                     flags = set(line.split(":", 1)[-1].split())
