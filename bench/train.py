@@ -146,9 +146,9 @@ def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up of each row over the first, and each change's share of the last row's gain."""
+    """Speed-up of each row over the first, and each change's share of the best row's gain."""
     base = rows[0]["tokens_per_s"]
-    total = rows[-1]["tokens_per_s"] - base
+    total = max(r["tokens_per_s"] for r in rows) - base
     prev = base
     for r in rows:
         r["speedup_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
