@@ -16,6 +16,7 @@ one at a time, in this order:
   + sparse, + lean loss, + compile, and the last one again with activation checkpointing.
 
     .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,...]
+    .venv/bin/python bench/train.py --variants gpu --preset tiny --batch 4   # the GPU list, smoke-tested on a CPU
 
 Prints one JSON object.
 """
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--only", default="", help="comma-separated variant indices to run (default: all)")
+    parser.add_argument("--variants", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="which list to run (auto: gpu on CUDA; gpu on a CPU is a smoke test with a tiny preset)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -172,7 +175,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     preset = args.preset or ("malevich" if cuda else "emoji")
     batch = args.batch or (8 if cuda else 32)
-    variants = GPU_VARIANTS if cuda else CPU_VARIANTS
+    variants = GPU_VARIANTS if (args.variants == "gpu" or (args.variants == "auto" and cuda)) else CPU_VARIANTS
     if args.only:
         variants = [variants[int(i)] for i in args.only.split(",")]
     config = get_preset(preset)
