@@ -274,12 +274,14 @@ def main() -> None:
                       static_cache=mode == "static", compile=mode == "compile", cuda_graph=mode == "graph",
                       free_cache=False, return_perplexity=True)
             t0 = time.perf_counter()
-            codes, _ = sample_image_codes(model, text, **kw)  # compiles / captures once per shape
+            with torch.inference_mode():  # as measure() runs: the compiled session is kept per grad mode
+                codes, _ = sample_image_codes(model, text, **kw)  # compiles / captures once per shape
             sync(device)
             first = time.perf_counter() - t0
             ours = measure(lambda kw=kw, text=text: sample_image_codes(model, text, **kw), device, args.repeats)
-            steps = step_profile(lambda cb, kw=kw, text=text: sample_image_codes(model, text, progress=cb, **kw),
-                                 device)
+            with torch.inference_mode():
+                steps = step_profile(lambda cb, kw=kw, text=text: sample_image_codes(model, text, progress=cb, **kw),
+                                     device)
             row[mode] = {**_rates(ours, bs, N), **steps,
                          "capture_s": round(max(first - ours["seconds"], 0.0), 3)}
         if args.vqgan:

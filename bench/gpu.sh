@@ -38,7 +38,7 @@ run --batch-sizes "$SIZES" --modes "$MODES" --guidance-scale 3 --no-baseline
 run --batch-sizes "$BIG" --modes "${MODES##*,}" --no-baseline               # the best mode only at big batches
 run --batch-sizes "$BIG" --modes "${MODES##*,}" --guidance-scale 3 --no-baseline
 set +e
-timeout 300 "$PY" -m pytest -q "${TESTS[@]}" > "$TMP/tests.log" 2>&1
+timeout 300 "$PY" -m pytest -q -p no:warnings "${TESTS[@]}" > "$TMP/tests.log" 2>&1
 echo $? > "$TMP/tests.rc"
 set -e
 "$PY" - "$TMP" "$OUT" "$TINY" <<'PYEOF'
