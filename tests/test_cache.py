@@ -196,12 +196,13 @@ def decoder_logits(model: DalleModel, text: torch.Tensor, codes: torch.Tensor, s
     return torch.cat(out, dim=1)  # (R, N, V)
 
 
-def grid_model(hf_version: str, D: int) -> DalleModel:
+def grid_model(hf_version: str, D: int, image_vocab_size: int = 32) -> DalleModel:
+    """A 3-layer (row, column, conv) model on a D x D grid, seeded weights, no dropout (also used by test_sampling)."""
     from holst.config import DalleConfig
 
     cfg = DalleConfig(num_layers=3, hidden_size=32, num_attention_heads=2, text_seq_length=8, image_tokens_per_dim=D,
-                      vocab_size=64 + 8, image_vocab_size=32, embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
-                      output_dropout_prob=0.0, hf_version=hf_version)
+                      vocab_size=64 + 8, image_vocab_size=image_vocab_size, embedding_dropout_prob=0.0,
+                      attention_dropout_prob=0.0, output_dropout_prob=0.0, hf_version=hf_version)
     torch.manual_seed(0)
     model = DalleModel(cfg).eval()
     model.init_weights(0.3)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cache import grid_model as shared_grid_model  # the 3-layer grid model
 
 from holst.dalle import DalleModel
 from holst.presets import get_preset
@@ -357,15 +358,7 @@ def test_topk_sampler_ties() -> None:
 
 
 def grid_model(hf_version: str, D: int) -> DalleModel:
-    from holst.config import DalleConfig
-
-    cfg = DalleConfig(num_layers=3, hidden_size=32, num_attention_heads=2, text_seq_length=8, image_tokens_per_dim=D,
-                      vocab_size=64 + 8, image_vocab_size=48, embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
-                      output_dropout_prob=0.0, hf_version=hf_version)
-    torch.manual_seed(0)
-    m = DalleModel(cfg).eval()
-    m.init_weights(0.3)
-    return m
+    return shared_grid_model(hf_version, D, image_vocab_size=48)
 
 
 def both_paths(model: DalleModel, text: torch.Tensor, prompt=None, mode: str = "eager", **kw):

@@ -612,6 +612,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start_serve(port: int, args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, Server]:
+    """`holst serve ARGS --device cpu --threads 1` as a subprocess, and a client once /health answers 200."""
+    proc = subprocess.Popen([sys.executable, "-m", "holst", "serve", *args, "--device", "cpu", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    s = Server.__new__(Server)
+    s.port = port
+
+    def up():
+        try:
+            return s.request("GET", "/health", timeout=2)[0] == 200
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            return False
+
+    try:
+        _wait_for(up, timeout=90)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=30)
+        raise
+    return proc, s
+
+
 def test_cli_refuses_a_public_host_without_a_token():
     env = {k: v for k, v in os.environ.items() if k != "HOLST_TOKEN"}
     proc = subprocess.run([sys.executable, "-m", "holst", "serve", "--host", "0.0.0.0"], capture_output=True,
@@ -627,20 +650,8 @@ def test_cli_serves_with_holst_token_and_config(tmp_path, pipe):
     port = _free_port()
     (tmp_path / "serve.yaml").write_text(f"port: {port}\nmax_queue: 3\nmax_images_per_request: 2\n")
     env = {**os.environ, "HOLST_TOKEN": "env-token-123"}
-    proc = subprocess.Popen([sys.executable, "-m", "holst", "serve", "--model", str(model), "--config",
-                             str(tmp_path / "serve.yaml"), "--device", "cpu", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    s = Server.__new__(Server)
-    s.port = port
+    proc, s = _start_serve(port, ["--model", str(model), "--config", str(tmp_path / "serve.yaml")], env=env)
     try:
-        def up():
-            try:
-                return s.request("GET", "/health", timeout=2)[0] == 200
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                return False
-
-        _wait_for(up, timeout=90)
         health = s.json("GET", "/health")[2]
         assert health["auth_required"] is True and health["queue_capacity"] == 3
         assert health["limits"]["max_images_per_request"] == 2
@@ -659,20 +670,8 @@ def test_cli_workers_share_one_port(tmp_path, pipe):
     model = tmp_path / "model"
     pipe.save_pretrained(model)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "holst", "serve", "--model", str(model), "--port", str(port),
-                             "--workers", "2", "--device", "cpu", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    s = Server.__new__(Server)
-    s.port = port
+    proc, s = _start_serve(port, ["--model", str(model), "--port", str(port), "--workers", "2"])
     try:
-        def up():
-            try:
-                return s.request("GET", "/health", timeout=2)[0] == 200
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                return False
-
-        _wait_for(up, timeout=90)
         status, _, res = s.json("POST", "/v1/generate", {"prompt": "кот", "num_images": 1, "seed": 4})
         assert status == 200 and s.request("GET", res["images"][0]["url"])[0] in (200, 404)  # a store per worker
     finally:
