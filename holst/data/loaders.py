@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import math
 import tarfile
@@ -598,10 +597,3 @@ def collate(samples: list[dict]) -> dict:
         if k != "image":
             out[k] = [s[k] for s in samples]
     return out
-
-
-def image_bytes_of(image, fmt: str = "PNG") -> bytes:
-    """Encode a PIL image (for writing shards and fixtures)."""
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()

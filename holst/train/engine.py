@@ -43,7 +43,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -740,9 +739,3 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def iterate_forever(loader: Any) -> Iterator[Any]:
-    """Cycle over an iterable of batches (a new epoch each pass)."""
-    while True:
-        yield from loader
