@@ -417,12 +417,10 @@ class Text2ImagePipeline:
         """(B,) CLIP scores of images (B, 3, H, W) in [0, 1] against one caption; None without CLIP."""
         if self.clip is None:
             return None
-        L = self.clip.config.context_length
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a long caption was already reported by encode_prompts
-            ids = self.components.clip_tokenizer.encode_batch([prompt], L, keep_eos=True).to(self.device)
-        dtype = next(self.clip.parameters()).dtype
-        return self.clip.score(images.to(dtype), ids).float().cpu()  # CLIP crops and resizes itself
+        from holst.rerank.ranker import ClipRanker
+
+        # CLIP crops and resizes the images itself; the ranker encodes the caption with keep_eos=True.
+        return ClipRanker(self.clip, self.components.clip_tokenizer).score(images, [prompt])
 
     @torch.inference_mode()
     def score_images(self, images: list[Image.Image] | torch.Tensor, prompt: str) -> list[float]:

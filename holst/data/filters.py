@@ -337,24 +337,17 @@ def filter_shards(shards: Sequence[str | Path], out: str | Path, *, caption_ext:
 def clip_scorer(clip_dir: str | Path, device: str = "cpu") -> Scorer:
     """A scorer from a holst CLIP directory (config.json + model.safetensors, tokenizer in ``tokenizer/``).
 
-    Images are converted to (B, 3, R, R) tensors at the model's resolution; texts are encoded with
-    ``keep_eos=True`` (the ruCLIP convention).
+    Images are converted to (B, 3, R, R) tensors at the model's resolution; captions are encoded by
+    :class:`holst.rerank.ranker.ClipRanker` (ruCLIP's ``keep_eos=True`` convention).
     """
     from holst.data.images import image_to_tensor, resize_crop
-    from holst.rerank.clip import CLIPModel
-    from holst.text import BPETokenizer
+    from holst.rerank.ranker import ClipRanker
 
-    clip_dir = Path(clip_dir)
-    model = CLIPModel.from_pretrained(clip_dir).to(device).eval()
-    tok_dir = clip_dir / "tokenizer"
-    if not tok_dir.is_dir():
-        raise FileNotFoundError(f"CLIP tokenizer not found: expected {tok_dir}/bpe.model")
-    tok = BPETokenizer.from_pretrained(tok_dir)
-    resolution = model.config.image_resolution
+    ranker = ClipRanker.from_pretrained(clip_dir, device=device)
+    resolution = ranker.config.image_resolution
 
     def score(images: list[Image.Image], captions: list[str]) -> torch.Tensor:
-        batch = torch.stack([image_to_tensor(resize_crop(im, resolution, "center")) for im in images]).to(device)
-        ids = tok.encode_batch(captions, model.config.context_length, keep_eos=True).to(device)
-        return model.score(batch, ids).float().cpu()
+        batch = torch.stack([image_to_tensor(resize_crop(im, resolution, "center")) for im in images])
+        return ranker.score(batch, captions)
 
     return score

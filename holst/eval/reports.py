@@ -369,25 +369,6 @@ def _pick(n_total: int, n: int, seed: int) -> list[int]:
     return torch.randperm(n_total, generator=g)[:n].tolist()
 
 
-def _clip_text_emb(pipe: Any, captions: Sequence[str], batch_size: int) -> torch.Tensor:
-    import warnings
-
-    L = pipe.clip.config.context_length
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ids = pipe.components.clip_tokenizer.encode_batch(list(captions), L, keep_eos=True)
-    out = [pipe.clip.encode_text(ids[i:i + batch_size].to(pipe.device)).float().cpu()
-           for i in range(0, ids.shape[0], batch_size)]
-    return torch.cat(out)
-
-
-def _clip_image_emb(pipe: Any, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    dtype = next(pipe.clip.parameters()).dtype
-    out = [pipe.clip.encode_image(images[i:i + batch_size].to(pipe.device, dtype)).float().cpu()
-           for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out)
-
-
 def _generate(pipe: Any, captions: Sequence[str], cfg: EvalConfig, sampling: dict) -> tuple[list[Any], int]:
     """One pipeline call per caption, ``num_images`` images each, no reranking cut, no upscaling.
 
@@ -454,21 +435,24 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
     # 1. CLIP score and R-precision (in-domain CLIP: comparable between holst models with the same CLIP only)
     clip_emb_gen = None
     if pipe.clip is not None:
+        from holst.rerank.ranker import ClipRanker
+
+        ranker = ClipRanker(pipe.clip, pipe.components.clip_tokenizer)
         scores = torch.tensor([o.clip_scores for o in outs])  # (C, n), best first
         report["clip_score_best"] = float(scores.max(1).values.mean())
         report["clip_score_mean"] = float(scores.mean())
-        text_emb = _clip_text_emb(pipe, distinct, cfg.batch_size)  # (M, E) every distinct held-out caption
-        clip_emb_gen = _clip_image_emb(pipe, gen, cfg.batch_size)
+        text_emb = ranker.text_embeddings(distinct, cfg.batch_size)  # (M, E) every distinct held-out caption
+        clip_emb_gen = ranker.image_embeddings(gen, cfg.batch_size)
         true_gen = torch.tensor(chosen).repeat_interleave(cfg.num_images)
         rp = r_precision(clip_emb_gen, text_emb, true_gen, candidates=cfg.candidates,
                          generator=torch.Generator().manual_seed(cfg.seed))
         rp_best = r_precision(clip_emb_gen[:: cfg.num_images], text_emb, torch.tensor(chosen),
                               candidates=cfg.candidates, generator=torch.Generator().manual_seed(cfg.seed))
         real = held.images[real_rows]
-        real_emb = _clip_image_emb(pipe, real, cfg.batch_size)
+        real_emb = ranker.image_embeddings(real, cfg.batch_size)
         rp_real = r_precision(real_emb, text_emb, torch.tensor(chosen), candidates=cfg.candidates,
                               generator=torch.Generator().manual_seed(cfg.seed))
-        scale = float(pipe.clip.logit_scale.exp())
+        scale = ranker.logit_scale
         real_scores = scale * (real_emb * text_emb[chosen]).sum(-1)
         report.update({"r_precision": rp["r_precision"], "r_precision_best_image": rp_best["r_precision"],
                        "r_precision_candidates": rp["candidates"], "r_precision_chance": rp["chance"],

@@ -8,5 +8,7 @@ from holst.rerank.clip import (
     preprocess_images,
     retrieval_recall,
 )
+from holst.rerank.ranker import ClipRanker, clip_text_ids
 
-__all__ = ["CLIP_PRESETS", "CLIPModel", "clip_preset", "contrastive_loss", "preprocess_images", "retrieval_recall"]
+__all__ = ["CLIP_PRESETS", "CLIPModel", "ClipRanker", "clip_preset", "clip_text_ids", "contrastive_loss",
+           "preprocess_images", "retrieval_recall"]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from holst.config import ClipTrainConfig, ConfigError, DataConfig
 from holst.data.images import DataReport
 from holst.rerank.clip import CLIPModel, clip_preset, resize_square, retrieval_recall
+from holst.rerank.ranker import CLIP_TOKENIZER_DIR, clip_text_ids
 from holst.train.args import add_train_arguments, run_train_command
 from holst.train.data import open_samples
 from holst.train.engine import Engine
@@ -43,7 +44,7 @@ from holst.utils.runtime import get_logger
 
 log = get_logger("holst.train.clip")
 
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = CLIP_TOKENIZER_DIR
 UNSUPPORTED = {"ema_decay": 0.0, "sample_every": 0}
 
 
@@ -150,10 +151,9 @@ def load_or_train_tokenizer(cfg: ClipTrainConfig, train: PairSet):
 def encode(tokenizer, texts: list[str], context_length: int, *, dropout: float = 0.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Texts -> (B, l) ids with l <= context_length: trailing all-pad columns are cut (exact, since
-    the text tower is causal and reads the eos position)."""
-    ids = tokenizer.encode_batch(texts, context_length, dropout=dropout, generator=generator, keep_eos=True)
-    used = int((ids != 0).any(dim=0).nonzero().max().item()) + 1 if ids.numel() else 1
-    return ids[:, :used]
+    the text tower is causal and reads the eos position). The encoding is the ranker's
+    (:func:`holst.rerank.ranker.clip_text_ids`), so training and ranking agree."""
+    return clip_text_ids(tokenizer, texts, context_length, dropout=dropout, generator=generator, trim=True)
 
 
 def caption_groups(texts: Sequence[str]) -> torch.Tensor:
