@@ -17,7 +17,6 @@ f VQGAN downsample factor, H = W = D*f pixels.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +27,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from holst.config import PipelineConfig
+from holst.errors import InputError
 from holst.hub import PipelineComponents, load_pipeline, save_pipeline
+from holst.sampling import MAX_SEED, SamplingSettings, make_seeds
 from holst.utils.images import pil_to_tensor, tensor_to_pil
 from holst.utils.runtime import get_logger, resolve_device, resolve_dtype
 
 logger = get_logger("holst.pipeline")
 
-MAX_SEED = 2**63 - 1
+__all__ = ["MAX_SEED", "PipelineOutput", "SamplingSettings", "Text2ImagePipeline", "center_square", "make_seeds"]
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 
 
@@ -64,29 +65,6 @@ class PipelineOutput:
     def scores(self) -> list[float]:
         """The ranking scores: CLIP scores when there are any, else negative perplexities (higher = better)."""
         return self.clip_scores if self.clip_scores is not None else [-p for p in self.perplexities]
-
-
-@dataclasses.dataclass
-class SamplingSettings:
-    """Resolved sampling settings of one call (defaults from ``pipeline.json`` filled in)."""
-
-    num_images: int
-    top_k: int
-    top_p: float
-    temperature: float
-    guidance_scale: float | None
-    rerank: int
-    upscale: int
-    batch_size: int
-
-    def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``sample_image_codes`` (0 / 1.0 switch the filters off)."""
-        return dict(top_k=int(self.top_k), top_p=float(self.top_p), temperature=float(self.temperature),
-                    guidance_scale=self.guidance_scale if self.guidance_scale not in (None, 1.0) else None)
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one sampling batch (the server's grouping rule)."""
-        return (self.top_k, self.top_p, self.temperature, self.guidance_scale)
 
 
 class Text2ImagePipeline:
@@ -245,11 +223,11 @@ class Text2ImagePipeline:
         """
         settings = self.resolve_settings(num_images=num_images, top_k=top_k, top_p=top_p, temperature=temperature,
                                          guidance_scale=guidance_scale, rerank=rerank, upscale=upscale,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, seed=seed)
         n = settings.num_images
         # 1. caption -> text ids (1, T); seeds, one per image
         text_ids = self.encode_prompts([prompt])
-        seeds = make_seeds(n, seed=seed, generator=generator)
+        seeds = make_seeds(n, seed=settings.seed, generator=generator)
         # 2. text ids -> image codes (B, N), in chunks of batch_size
         prompt_codes = self.prepare_image_prompt(image_prompt, image_prompt_mask)
         codes, ppl = self.sample_codes(text_ids.expand(n, -1), seeds, settings, image_prompt=prompt_codes,
@@ -258,43 +236,25 @@ class Text2ImagePipeline:
         return self.finish(prompt, codes, seeds, settings, perplexities=ppl)
 
     def resolve_settings(self, **given: Any) -> SamplingSettings:
-        """Fill ``None`` settings from pipeline.json and validate all (ValueError names the option)."""
-        c = self.config
-        values = {f.name: given.get(f.name) for f in dataclasses.fields(SamplingSettings)}
-        for name, value in values.items():
-            if value is None and name != "guidance_scale":
-                values[name] = getattr(c, name)
-        if values["guidance_scale"] is None:
-            values["guidance_scale"] = c.guidance_scale
-        s = SamplingSettings(**values)
-        for name in ("num_images", "batch_size", "upscale"):
-            v = getattr(s, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if not isinstance(s.top_k, int) or s.top_k < 0:
-            raise ValueError(f"top_k={s.top_k!r} must be an integer >= 0 (0 = off)")
-        if not 0.0 < float(s.top_p) <= 1.0:
-            raise ValueError(f"top_p={s.top_p!r} must lie in (0, 1] (1 = off)")
-        if not float(s.temperature) > 0.0:
-            raise ValueError(f"temperature={s.temperature!r} must be > 0")
-        if s.guidance_scale is not None and not float(s.guidance_scale) > 0.0:
-            raise ValueError(f"guidance_scale={s.guidance_scale!r} must be > 0 (or None = off)")
-        if not isinstance(s.rerank, int) or s.rerank < 0 or s.rerank > s.num_images:
-            raise ValueError(f"rerank={s.rerank!r} must be an integer in [0, num_images={s.num_images}] (0 = keep all)")
-        return s
+        """:class:`holst.sampling.SamplingSettings` from ``given``, ``None`` ones from pipeline.json.
+
+        Raises:
+            holst.errors.ConfigError (a ValueError) naming the option and its range.
+        """
+        return SamplingSettings.resolve(self.config, **given)
 
     # ------------------------------------------------------------------ the steps
     def check_prompts(self, prompts: list[str]) -> list[str]:
         """Validate captions; returns a message per caption that will be cut to fit T.
 
         Raises:
-            ValueError for an empty caption.
+            holst.errors.InputError (a ValueError) for a caption that is not text, is empty, or holds
+            characters that are not Unicode (e.g. bytes that were not UTF-8 on the command line).
         """
         T = self.dalle.config.text_seq_length
         messages = []
         for prompt in prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError("prompt is empty: give a caption describing the image, e.g. 'красное яблоко'")
+            check_prompt(prompt)
             n_tokens = len(self.tokenizer.encode(prompt.lower().strip())) + 2  # + bos, eos
             if n_tokens > T:
                 messages.append(f"prompt is {n_tokens} tokens (with bos/eos) but the model reads {T}: "
@@ -475,17 +435,22 @@ class Text2ImagePipeline:
         )
 
 
-def make_seeds(n: int, *, seed: int | None = None, generator: torch.Generator | None = None) -> list[int]:
-    """Per-image seeds: seed + i; else drawn from ``generator``; else from the OS's randomness."""
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
-    if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n:
-            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63 - 1 - num_images]")
-        return [seed + i for i in range(n)]
-    if generator is not None:
-        return torch.randint(0, 2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
-    return [secrets.randbelow(2**31 - 1) for _ in range(n)]
+def check_prompt(prompt: Any) -> str:
+    """Return ``prompt`` if it is a usable caption, else raise InputError saying why.
+
+    A usable caption is a ``str`` with a non-blank character and no lone surrogate: Python turns
+    command-line bytes that are not UTF-8 into surrogates (U+DC80..U+DCFF), which no file can hold.
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str (a caption), got {type(prompt).__name__} {prompt!r:.40}")
+    if not prompt.strip():
+        raise InputError("prompt is empty: give a caption describing the image, e.g. 'красное яблоко'")
+    for i, ch in enumerate(prompt):
+        if "\ud800" <= ch <= "\udfff":
+            hint = f" (the byte 0x{ord(ch) - 0xDC00:02X} is not UTF-8)" if ord(ch) >= 0xDC80 else ""
+            raise InputError(f"prompt has a character that is not Unicode at position {i}{hint}: "
+                             "give the caption as UTF-8 text")
+    return prompt
 
 
 def center_square(image: Image.Image) -> Image.Image:

@@ -20,20 +20,197 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
+import secrets
 import types
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from holst.dalle import DalleModel
 from holst.dalle.decode import Decoder, text_group_size
+from holst.errors import ConfigError
 
 BOS_ID, EOS_ID, PAD_ID = 2, 3, 0
 REFERENCE_TOP_K, REFERENCE_TOP_P = 2048, 0.995  # the reference README / Emojich settings (reference.md §2)
 BORDER_KEYS = ("up", "down", "left", "right")
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling settings: the one declaration every entry point derives its options from
+# --------------------------------------------------------------------------------------------
+
+MAX_SEED = 2**63 - 1  # image i of seed s uses s + i, so s + num_images - 1 must stay <= MAX_SEED
+DRAWN_SEED_BOUND = 2**31  # seeds nobody gave are drawn in [0, 2**31): short to type back, plenty of pictures
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """The values one setting accepts; shown in CLI help, the server's schema and every error message.
+
+    Attributes:
+        kind: int or float (an int is accepted for a float; a bool never is).
+        low, high: inclusive bounds (None = unbounded); ``low_open`` excludes ``low`` itself.
+        optional: None is a value of its own (``off_means`` says what it means).
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    optional: bool = False
+    off_means: str = ""
+
+    def text(self) -> str:
+        """E.g. 'a number in (0, 1]' or 'an integer >= 0'."""
+        noun = "an integer" if self.kind is int else "a number"
+        low, high = _bound(self.low), _bound(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{low}, {high}]"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {low}"
+        return noun
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` as ``kind`` (None kept when optional), or ConfigError naming ``name`` and the range."""
+        if value is None and self.optional:
+            return None
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        real = integral or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+        ok = integral if self.kind is int else real and _finite(value)
+        if ok:
+            value = self.kind(value)
+            ok = (self.low is None or (value > self.low if self.low_open else value >= self.low)) and (
+                self.high is None or value <= self.high)
+        if not ok:
+            extra = f" ({self.off_means})" if self.off_means else ""
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else f"<{type(value).__name__} of {len(shown)} characters>"
+            raise ConfigError(f"{name}={shown} must be {self.text()}{' or None' if self.optional else ''}{extra}")
+        return value
+
+
+def _bound(value: float | None) -> str:
+    return "2**63 - 1" if value == MAX_SEED else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _setting(default: Any, help: str, limit: Limit) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "limit": limit})
+
+
+@dataclasses.dataclass
+class SamplingSettings:
+    """Every sampling setting of one generation, validated once (``ConfigError`` names the option).
+
+    ``pipeline.json`` (:class:`holst.config.PipelineConfig`), ``Text2ImagePipeline.__call__``, the
+    ``holst generate`` / ``holst eval`` / ``holst prepare pipeline`` flags and the server's request
+    model all take their names, defaults and ranges from these fields (``holst.cli_common``,
+    ``holst.serve.schemas``); ``tests/test_settings_agree.py`` checks that they agree.
+    """
+
+    num_images: int = _setting(4, "images to sample", Limit(int, 1, 4096))
+    top_k: int = _setting(REFERENCE_TOP_K, "keep the k most likely codes per step", Limit(int, 0, off_means="0 = off"))
+    top_p: float = _setting(REFERENCE_TOP_P, "nucleus probability mass",
+                            Limit(float, 0, 1, low_open=True, off_means="1 = off"))
+    temperature: float = _setting(1.0, "sampling temperature", Limit(float, 0, 100, low_open=True))
+    guidance_scale: float | None = _setting(None, "classifier-free guidance weight (0 = the empty caption only)",
+                                            Limit(float, 0, 100, optional=True, off_means="None or 1 = off"))
+    rerank: int = _setting(0, "keep the best k images, sorted best first",
+                           Limit(int, 0, 4096, off_means="0 = keep all, <= num_images"))
+    upscale: int = _setting(1, "upscaling factor (the super-resolution net, else Lanczos)",
+                            Limit(int, 1, 16, off_means="1 = none"))
+    batch_size: int = _setting(8, "images sampled at once (memory vs speed; images do not change)", Limit(int, 1))
+    seed: int | None = _setting(None, "image i uses seed + i", Limit(int, 0, MAX_SEED, optional=True,
+                                                                      off_means="None = random seeds"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.metadata["limit"].check(f.name, getattr(self, f.name)))
+        if self.rerank > self.num_images:
+            raise ConfigError(f"rerank={self.rerank} must be <= num_images={self.num_images} (0 = keep all)")
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise ConfigError(f"seed={self.seed} + num_images - 1 must be <= 2**63 - 1 (image i uses seed + i)")
+
+    @classmethod
+    def resolve(cls, defaults: Any = None, **given: Any) -> SamplingSettings:
+        """Settings from ``given`` where not None, else from ``defaults`` (an object with the same
+        attribute names, e.g. a PipelineConfig), else the field defaults; unknown names raise ConfigError."""
+        unknown = sorted(set(given) - set(setting_names()))
+        if unknown:
+            raise ConfigError(f"unknown sampling setting(s) {unknown}; known: {list(setting_names())}")
+        values = {}
+        for name in setting_names():
+            value = given.get(name)
+            if value is None and defaults is not None:
+                value = getattr(defaults, name, None)
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sample_image_codes` (top_k 0 / top_p 1.0 switch the filters off)."""
+        return dict(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
+                    guidance_scale=self.guidance_scale if self.guidance_scale not in (None, 1.0) else None)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one sampling batch (the server's grouping rule)."""
+        return (self.top_k, self.top_p, self.temperature, self.guidance_scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def setting_names() -> tuple[str, ...]:
+    """The names of the :class:`SamplingSettings` fields, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(SamplingSettings))
+
+
+def setting_limit(name: str) -> Limit:
+    """The :class:`Limit` of one setting (KeyError for an unknown name)."""
+    return {f.name: f.metadata["limit"] for f in dataclasses.fields(SamplingSettings)}[name]
+
+
+def setting_help(name: str) -> str:
+    """One line for ``--help`` / the OpenAPI description: what the setting does, its range, its off value."""
+    f = {f.name: f for f in dataclasses.fields(SamplingSettings)}[name]
+    limit = f.metadata["limit"]
+    extra = f"; {limit.off_means}" if limit.off_means else ""
+    return f"{f.metadata['help']}: {limit.text()}{extra}"
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """Validate one setting alone (its cross-checks need the others); returns it normalised."""
+    return setting_limit(name).check(name, value)
+
+
+def make_seeds(n: int, *, seed: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """Per-image seeds: seed + i; else drawn from ``generator``; else from the OS's randomness.
+
+    Args:
+        n: number of images (>= 1). seed: in [0, 2**63 - n] (:data:`MAX_SEED`).
+        generator: draws the seeds in [0, 2**31) (:func:`draw_seeds`) when no seed is given.
+    Returns:
+        n ints; ConfigError when the seed is out of range or both seed and generator are given.
+    """
+    if seed is not None and generator is not None:
+        raise ConfigError("give seed or generator, not both")
+    if seed is not None:
+        return [SamplingSettings(num_images=n, seed=seed, batch_size=1).seed + i for i in range(n)]
+    if generator is not None:
+        return draw_seeds(n, generator)
+    return [secrets.randbelow(DRAWN_SEED_BOUND) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,9 +319,9 @@ def vocab_salt_table(vocab_size: int, device: torch.device | str | None = None) 
 
 
 def draw_seeds(n: int, generator: torch.Generator | None = None) -> list[int]:
-    """n per-image seeds (63-bit ints) from ``generator`` (or torch's default RNG when None)."""
+    """n per-image seeds in [0, 2**31) (:data:`DRAWN_SEED_BOUND`) from ``generator`` (or torch's default RNG)."""
     device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**63 - 1, (n,), generator=generator, device=device).tolist()
+    return torch.randint(0, DRAWN_SEED_BOUND, (n,), generator=generator, device=device).tolist()
 
 
 def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor, *, top_k: int, top_p: float,
@@ -337,14 +514,9 @@ def _check_args(model: DalleModel, text_ids: torch.Tensor, top_k: int, top_p: fl
     if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= V):
         raise ValueError(f"text_ids must lie in 0..{V - 1} (this model's text vocabulary), got "
                          f"{int(text_ids.min())}..{int(text_ids.max())}; was it made with this model's tokenizer?")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 disables top-k)")
-    if not 0.0 <= float(top_p) <= 1.0:
-        raise ValueError(f"top_p={top_p!r} must lie in [0, 1]")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0")
-    if guidance_scale is not None and not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 or None")
+    for name, value in (("top_k", top_k), ("top_p", top_p), ("temperature", temperature),
+                        ("guidance_scale", guidance_scale)):
+        check_setting(name, value)  # the ranges of SamplingSettings, the same everywhere
     if seeds is not None and len(seeds) != text_ids.shape[0]:
         raise ValueError(f"seeds has {len(seeds)} entries for {text_ids.shape[0]} images; give one seed per image")
 
@@ -363,7 +535,7 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
         text_ids: (B, T) long, one caption per image as ``BPETokenizer.encode_batch`` makes them.
             Neighbouring rows with the same caption share its text keys/values (computed once).
         top_k, top_p, temperature: the reference's sampling filter (:func:`filter_logits`); top_k 0
-            or None disables top-k.
+            or None disables top-k. Ranges as in :class:`SamplingSettings` (top_p in (0, 1]).
         guidance_scale: None or 1.0 = plain sampling (1.0 would give the same logits, so the
             unconditional branch is skipped); other s >= 0 = classifier-free guidance with the empty
             caption, cond and uncond rows in one batched forward.

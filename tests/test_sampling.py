@@ -314,17 +314,18 @@ def test_cuda_graph_matches_eager() -> None:
         assert torch.equal(a, b)
 
 
-def test_sampling_config_is_the_keyword_set(model: DalleModel) -> None:
-    from holst.config import ConfigError, SamplingConfig
+def test_sampling_settings_give_the_sampler_keywords(model: DalleModel) -> None:
+    from holst.errors import ConfigError
+    from holst.sampling import SamplingSettings
 
-    cfg = SamplingConfig(top_k=40, top_p=0.97, batch_size=2, static_cache=True)
+    settings = SamplingSettings(top_k=40, top_p=0.97, batch_size=2)
     text = captions(model, 3)
-    out = sample_image_codes(model, text, seeds=[1, 2, 3], **SamplingConfig.from_dict(cfg.to_dict()).to_dict())
+    out = sample_image_codes(model, text, seeds=[1, 2, 3], batch_size=2, **settings.sampler_kwargs())
     assert torch.equal(out, sample_image_codes(model, text, seeds=[1, 2, 3], **KW))
     with pytest.raises(ConfigError, match="top_p"):
-        SamplingConfig(top_p=1.5)
-    with pytest.raises(ConfigError, match="batch_size"):
-        SamplingConfig(batch_size=0)
+        SamplingSettings(top_p=1.5)
+    with pytest.raises(ConfigError, match="top_p"):
+        sample_image_codes(model, text, seeds=[1, 2, 3], top_k=40, top_p=0.0)  # the same range as the settings
 
 
 # ------------------------------------------------------------------ lean sampler and decoder vs the per-row path

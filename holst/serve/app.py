@@ -191,7 +191,7 @@ async def make_job(state: AppState, request: GenerateRequestBase, stream: bool) 
     try:
         settings = pipe.resolve_settings(num_images=request.num_images, top_k=request.top_k, top_p=request.top_p,
                                          temperature=request.temperature, guidance_scale=request.guidance_scale,
-                                         rerank=request.rerank, upscale=request.upscale, batch_size=None)
+                                         rerank=request.rerank, upscale=request.upscale, seed=request.seed)
         messages = pipe.check_prompts([request.prompt])
     except ValueError as e:
         raise RequestError(422, str(e)) from None
@@ -205,7 +205,7 @@ async def make_job(state: AppState, request: GenerateRequestBase, stream: bool) 
         if rows >= D:
             raise RequestError(422, f"field 'image_prompt_rows'={rows} must be < {D} (the model's rows of codes)")
         image_prompt = (await run_in_threadpool(decode_image_prompt, request.image_prompt), rows)
-    return Job(request=request, settings=settings, seeds=make_seeds(settings.num_images, seed=request.seed),
+    return Job(request=request, settings=settings, seeds=make_seeds(settings.num_images, seed=settings.seed),
                loop=asyncio.get_running_loop(), stream=stream, image_prompt=image_prompt, warnings=messages)
 
 

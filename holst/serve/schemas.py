@@ -14,12 +14,16 @@ import json
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from holst.config import ServeConfig
+from holst.errors import ConfigError
+from holst.sampling import check_setting, setting_help, setting_limit
 
 MAX_JSON_DEPTH = 16  # a generate body is one flat object; 16 leaves room for future fields
 MAX_NUMBER_CHARS = 40  # "-1.2345678901234567e-308" is 24; longer numbers are refused, not parsed
+# The holst.sampling.SamplingSettings fields a request may set (batch_size is the server's: max_batch_images).
+REQUEST_SETTINGS = ("num_images", "top_k", "top_p", "temperature", "guidance_scale", "seed", "rerank", "upscale")
 
 
 class RequestError(Exception):
@@ -135,6 +139,14 @@ class GenerateRequestBase(BaseModel):
                                      "text must be valid Unicode")
         return value
 
+    @field_validator(*REQUEST_SETTINGS)
+    @classmethod
+    def _setting_in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        try:  # the ranges of holst.sampling.SamplingSettings, as in Python and on the command line
+            return check_setting(info.field_name, value)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix(f"{info.field_name}=")) from None
+
     @model_validator(mode="after")
     def _rerank_fits(self) -> GenerateRequestBase:
         if self.rerank and self.num_images and self.rerank > self.num_images:
@@ -150,22 +162,21 @@ def request_model(config: ServeConfig) -> type[GenerateRequestBase]:
     max_chars = config.max_prompt_chars
     Int = int | None
     Num = float | None
+    caps = {"num_images": n_max, "rerank": n_max, "upscale": config.max_upscale}  # this server's own limits
 
     class GenerateRequest(GenerateRequestBase):
         """A generate request; omitted or null fields take the model's defaults (``/health`` lists them)."""
 
         prompt: Annotated[str, Field(description="the caption (required, non-empty)",
                                      json_schema_extra={"minLength": 1, "maxLength": max_chars})]
-        num_images: Annotated[Int, Field(ge=1, le=n_max, description="images to sample")] = None
-        top_k: Annotated[Int, Field(ge=0, description="keep the k most likely codes per step; 0 = off")] = None
-        top_p: Annotated[Num, Field(gt=0, le=1, description="nucleus probability mass; 1 = off")] = None
-        temperature: Annotated[Num, Field(gt=0, le=100, description="sampling temperature")] = None
-        guidance_scale: Annotated[Num, Field(gt=0, le=100,
-                                             description="classifier-free guidance weight; null or 1 = off")] = None
-        seed: Annotated[Int, Field(ge=0, le=2**62, description="image i uses seed + i; null = random seeds")] = None
-        rerank: Annotated[Int, Field(ge=0, le=n_max,
-                                     description="keep the best k images; 0 = all (sorted best first)")] = None
-        upscale: Annotated[Int, Field(ge=1, le=config.max_upscale, description="upscaling factor; 1 = none")] = None
+        num_images: Annotated[Int, setting_field("num_images", caps)] = None
+        top_k: Annotated[Int, setting_field("top_k", caps)] = None
+        top_p: Annotated[Num, setting_field("top_p", caps)] = None
+        temperature: Annotated[Num, setting_field("temperature", caps)] = None
+        guidance_scale: Annotated[Num, setting_field("guidance_scale", caps)] = None
+        seed: Annotated[Int, setting_field("seed", caps)] = None
+        rerank: Annotated[Int, setting_field("rerank", caps)] = None
+        upscale: Annotated[Int, setting_field("upscale", caps)] = None
         image_prompt: Annotated[str | None, Field(
             description="a PNG or JPEG (base64, or a data: URL) whose top rows are kept; the rest is sampled")] = None
         image_prompt_rows: Annotated[Int, Field(ge=1, description="image rows (in codes) kept from image_prompt; "
@@ -181,6 +192,19 @@ def request_model(config: ServeConfig) -> type[GenerateRequestBase]:
             return value
 
     return GenerateRequest
+
+
+def setting_field(name: str, caps: dict[str, int]) -> Any:
+    """A pydantic ``Field`` for one sampling setting: help and range from :class:`holst.sampling.SamplingSettings`
+    (the bounds the OpenAPI schema shows), the upper bound lowered to this server's cap where it has one."""
+    limit = setting_limit(name)
+    bounds: dict[str, Any] = {}
+    if limit.low is not None:
+        bounds["gt" if limit.low_open else "ge"] = limit.low
+    highs = [h for h in (limit.high, caps.get(name)) if h is not None]
+    if highs:
+        bounds["le"] = min(highs)
+    return Field(description=setting_help(name), **bounds)
 
 
 def validate_request(data: Any, model: type[GenerateRequestBase]) -> GenerateRequestBase:

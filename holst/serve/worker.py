@@ -56,7 +56,7 @@ class Job:
     """
 
     request: GenerateRequestBase
-    settings: Any  # holst.pipeline.SamplingSettings
+    settings: Any  # holst.sampling.SamplingSettings
     seeds: list[int]
     loop: asyncio.AbstractEventLoop
     stream: bool = False
@@ -274,8 +274,8 @@ class BatchWorker:
             else:
                 out = pipe.finish(job.request.prompt, codes[row:row + n], job.seeds, job.settings,
                                   perplexities=ppl[row:row + n])
+                self.images_made += len(out.images)  # before the answer: a client may ask /health right after it
                 self._answer(job, out)
-                self.images_made += len(out.images)
             row += n
 
     def _send_previews(self, owners: list[tuple[Job, int]], start: int, step: int, total: int,

@@ -15,14 +15,12 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from holst.errors import CheckpointError  # re-exported here
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 M = TypeVar("M", bound="PretrainedMixin")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, foreign or does not fit the model."""
 
 
 def load_state_dict_file(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
