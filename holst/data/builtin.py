@@ -130,12 +130,34 @@ def write_index(out: Path, records: list[dict], meta: dict) -> dict:
     return meta
 
 
-def merge_datasets(sources: list[str | Path], out: str | Path) -> dict:
+def one_row_per_concept(rows: list[dict], styles: list[str]) -> list[dict]:
+    """Keep one ``train`` row per concept: the first of ``styles`` that the concept has in ``train``.
+
+    Held-out rows (``test_concept``, ``test_style``) are kept as they are. A concept none of whose
+    training rows has one of ``styles`` keeps its first training row (e.g. a Tux Paint stamp).
+    The order of the kept rows is the order of ``rows``.
+    """
+    rank = {s: i for i, s in enumerate(styles)}
+    best: dict[str, tuple[int, int]] = {}  # concept -> (style rank, row index)
+    for i, r in enumerate(rows):
+        if r.get("split") == "train":
+            key = (rank.get(r.get("style"), len(rank)), i)
+            best[r["concept"]] = min(best.get(r["concept"], key), key)
+    keep = {i for _, i in best.values()}
+    return [r for i, r in enumerate(rows) if r.get("split") != "train" or i in keep]
+
+
+def merge_datasets(sources: list[str | Path], out: str | Path, *, one_per_concept: list[str] | None = None) -> dict:
     """Write one dataset folder whose captions.jsonl lists the rows of several built sets.
 
     Images are not copied: ``file`` becomes the path relative to ``out`` (e.g. ``../emoji/images/...``);
     each row gets ``dataset`` (the source's meta.json name) and keeps its ``split``. LICENSES of every
     source are referenced from ``out/LICENSES/README.md``.
+
+    Args:
+        sources: built dataset folders. out: the merged folder.
+        one_per_concept: style priority (e.g. ``["twemoji", "noto"]``): keep one training image per
+            concept, of the first style it has (:func:`one_row_per_concept`); None keeps every row.
     """
     import os
 
@@ -154,6 +176,8 @@ def merge_datasets(sources: list[str | Path], out: str | Path) -> dict:
             row["file"] = os.path.relpath((source / row["file"]).resolve(), out.resolve())
             row["dataset"] = name
             row["concept"] = f"{name}:{row.get('concept', row['file'])}"
+        if one_per_concept:
+            rows = one_row_per_concept(rows, one_per_concept)
         records += rows
         parts[name] = {"path": str(source), "images": len(rows)}
     lic = out / "LICENSES"
@@ -161,16 +185,23 @@ def merge_datasets(sources: list[str | Path], out: str | Path) -> dict:
     (lic / "README.md").write_text("# Merged dataset: see the licences of each part\n\n" + "".join(
         f"- {name}: {os.path.relpath((Path(p['path']) / 'LICENSES').resolve(), lic.resolve())}/\n"
         for name, p in parts.items()), encoding="utf-8")
-    return write_index(out, records, {"dataset": "merged", "parts": parts})
+    meta = {"dataset": "merged", "parts": parts}
+    if one_per_concept:
+        meta["one_per_concept"] = list(one_per_concept)
+    return write_index(out, records, meta)
 
 
 def add_arguments(parser) -> None:
     """``holst data merge``."""
     parser.add_argument("sources", nargs="+", help="built dataset folders, e.g. data/emoji data/tuxpaint")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/all")
+    parser.add_argument("--one-per-concept", metavar="STYLES", default=None,
+                        help="keep one training image per concept, of the first of these comma-separated "
+                             "styles it has, e.g. twemoji,noto,fluent-flat,openmoji (held-out rows are kept)")
 
 
 def main(args) -> int:
-    meta = merge_datasets(args.sources, args.out)
+    styles = [s.strip() for s in args.one_per_concept.split(",") if s.strip()] if args.one_per_concept else None
+    meta = merge_datasets(args.sources, args.out, one_per_concept=styles)
     print(json.dumps({"out": args.out, "counts": meta["counts"], "parts": meta["parts"]}, ensure_ascii=False))
     return 0
