@@ -39,7 +39,8 @@ SHRINK: dict[str, list[tuple[str, str]]] = {
         (PIPE_CALL, PIPE_CALL.replace("num_images=8", "num_images=2").replace("rerank=4", "rerank=1")[:-1] + "1"),
         ("sample_image_codes(model, ids, progress=", "sample_image_codes(model, ids[:1], progress=")],
     "docs/finetune.md": [('steps=160)', 'steps=2, prior_images=0, variants=1, sample_every=0, batch_size=2)')],
-    "docs/eval.md": [("EvalConfig(num_captions=16, num_images=4)", "EvalConfig(num_captions=2, num_images=1, fd=False)")],
+    "docs/eval.md": [("EvalConfig(num_captions=16, num_images=4)",
+                      "EvalConfig(num_captions=2, num_images=1, fd=False)")],
 }
 
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -107,7 +108,8 @@ def test_python_examples_run(page, scratch):
         compile(code, where, "exec")  # every block at least compiles
         if code.startswith(NOT_RUN):
             reason = code.splitlines()[0][len(NOT_RUN):]
-            assert any(r in reason for r in NOT_RUN_REASONS), f"{where}: not-run reason {reason!r} names no GPU/download"
+            assert any(r in reason for r in NOT_RUN_REASONS), (
+                f"{where}: not-run reason {reason!r} names no GPU/download")
             continue
         for find, repl in SHRINK.get(name, []):
             code = code.replace(find, repl)
