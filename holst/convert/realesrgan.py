@@ -346,7 +346,8 @@ def convert_realesrgan(src: str | Path, dst: str | Path, *, key: str | None = No
     Args:
         src: ncnn ``.param`` or upstream ``.pth``.
         dst: output directory.
-        key, scale: see :func:`realesrgan_state`, :func:`config_from_state`.
+        key: 'params' or 'params_ema' to force one (:func:`realesrgan_state`); None = 'params', else 'params_ema'.
+        scale: override the scale read off the shapes (:func:`config_from_state`).
         dtype: 'auto' = fp16 for ncnn (the file's precision, lossless) else the file's dtype; or fp32/fp16/bf16.
     Returns:
         ``dst`` as a Path.
@@ -373,6 +374,7 @@ def convert_realesrgan(src: str | Path, dst: str | Path, *, key: str | None = No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst convert realesrgan``."""
     parser.add_argument("src", nargs="?", help="upstream .pth (or ncnn .param with its .bin beside it); "
                         "omit with --ncnn")
     parser.add_argument("dst", help="output directory (config.json + model.safetensors)")
@@ -388,6 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst convert realesrgan``: an upstream ``.pth`` or ncnn files -> an RRDBNet directory; prints it."""
     if args.ncnn is not None:
         if args.src is not None:
             raise SystemExit("holst convert realesrgan: give either SRC or --ncnn, not both")

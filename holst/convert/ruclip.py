@@ -106,7 +106,8 @@ def load_ruclip(directory: str | Path, *, device: str | torch.device = "cpu",
 
     Args:
         directory: an official ruCLIP download (config.json, pytorch_model.bin, bpe.model).
-        device, dtype: see :func:`load_ruclip_model`.
+        device: where the weights go (see :func:`load_ruclip_model`).
+        dtype: weights dtype (see :func:`load_ruclip_model`).
     Returns:
         (CLIPModel, BPETokenizer). Text ids for the model:
         ``tokenizer.encode_batch(texts, model.config.context_length, keep_eos=True)``.
@@ -143,12 +144,14 @@ def convert_ruclip(src: str | Path, dst: str | Path, *, dtype: str | None = None
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst convert ruclip``."""
     parser.add_argument("src", help="official ruCLIP directory (config.json, pytorch_model.bin, bpe.model)")
     parser.add_argument("dst", help="output directory (config.json + model.safetensors + tokenizer/bpe.model)")
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: keep the file's dtype)")
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst convert ruclip``: an official ruCLIP directory -> a CLIP directory; prints it."""
     dst = convert_ruclip(args.src, args.dst, dtype=args.dtype)
     log.info("wrote %s", dst)
     print(dst)

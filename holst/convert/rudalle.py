@@ -133,6 +133,7 @@ def convert_rudalle(src: str | Path, dst: str | Path, *, preset: str | None = No
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst convert rudalle``."""
     parser.add_argument("src", help="official checkpoint (.bin) or the directory it was downloaded to")
     parser.add_argument("dst", help="output directory (config.json + model.safetensors)")
     parser.add_argument("--preset", default="malevich",
@@ -142,6 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst convert rudalle``: an official transformer checkpoint -> a DalleModel directory; prints it."""
     params = {"hf_version": args.hf_version} if args.hf_version else {}
     dst = convert_rudalle(args.src, args.dst, preset=args.preset, dtype=args.dtype, **params)
     log.info("wrote %s", dst)

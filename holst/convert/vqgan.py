@@ -127,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst convert vqgan``: the Sber VQGAN checkpoint -> a VQGAN directory; prints it."""
     import yaml
 
     params: dict[str, Any] = {}

@@ -37,8 +37,13 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """The reference's explicit attention, operation for operation.
 
     Args:
-        q: [B, nh, S, hd]; k, v: [B, nh, K, hd]; mask: bool [S, K] or [B, 1, S, K], True = visible.
+        q: [B, nh, S, hd] queries.
+        k: [B, nh, K, hd] keys.
+        v: [B, nh, K, hd] values.
+        mask: bool [S, K] or [B, 1, S, K], True = visible.
         pb_relax: CogView PB-relax (alpha 32, max over the whole score matrix per batch and head).
+        dropout_p: attention dropout probability.
+        training: apply the dropout (the module's training mode).
     Returns:
         [B, nh, S, hd].
     """
@@ -106,7 +111,8 @@ def sparse_layout(mask: torch.Tensor, T: int, D: int, max_fraction: float = 0.75
 
     Args:
         mask: bool [S, S] with S = T + D * D, True = visible; text queries must see no image key.
-        T: text positions; D: grid side.
+        T: text positions.
+        D: grid side.
         max_fraction: give up (None) when a band query would see more than this fraction of S keys.
     Returns:
         A :class:`SparseLayout` whose band covers every visible key of ``mask``, or None.
@@ -155,7 +161,12 @@ def attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     """Masked attention over the band of :func:`sparse_layout` only (the dense softmax's numbers).
 
     Args:
-        q, k, v: [B, nh, S, hd] with S = T + D * D; layout: from :func:`sparse_layout`.
+        q: [B, nh, S, hd] queries, S = T + D * D.
+        k: [B, nh, S, hd] keys.
+        v: [B, nh, S, hd] values.
+        layout: from :func:`sparse_layout`.
+        dropout_p: attention dropout probability (applied to the band's probabilities).
+        training: apply the dropout (the module's training mode).
     Returns:
         [B, nh, S, hd].
     """
@@ -219,9 +230,12 @@ class DalleSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | SparseLayout,
                impl: str) -> torch.Tensor:
-        """Dispatch to the block-sparse (``mask`` is a :class:`SparseLayout`), the reference-exact
+        """Attention of (B, nh, S, hd) queries, keys and values with the kernel ``mask`` and ``impl`` call for.
+
+        Dispatches to the block-sparse (``mask`` is a :class:`SparseLayout`), the reference-exact
         (``impl='math'``) or the fused kernel (``'sdpa'``, and ``'sparse'`` where the mask has no
-        band layout). Returns [B, nh, S, hd]."""
+        band layout). Returns [B, nh, S, hd].
+        """
         if isinstance(mask, SparseLayout):
             return attention_sparse(q, k, v, mask, self.attention_dropout, self.training)
         if impl == "math":
@@ -238,8 +252,11 @@ class DalleSelfAttention(nn.Module):
         """Attention of new queries over cached keys (incremental decoding, holst/dalle/cache.py).
 
         Args:
-            q: [B, nh, s, hd]; k, v: [B, nh, K, hd] (only the keys this layer may see, or all of them
-                with ``mask``); mask: bool broadcastable to [B, nh, s, K], or None = all visible.
+            q: [B, nh, s, hd] queries of the new tokens.
+            k: [B, nh, K, hd] cached keys (only the keys this layer may see, or all of them with ``mask``).
+            v: [B, nh, K, hd] cached values.
+            mask: bool broadcastable to [B, nh, s, K], or None = all visible.
+            impl: 'math' (the reference's explicit softmax) or a fused kernel ('sdpa', 'sparse').
         Returns:
             [B, nh, s, hd].
         """

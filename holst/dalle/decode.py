@@ -138,6 +138,7 @@ class Decoder:
 
         Args:
             x: [R, 1, H] input embeddings of the pixel's token.
+            pixel: the image position (int: dynamic reads; 0-dim long tensor: static reads).
         Returns:
             [R, 1, H] final-LayerNorm hidden state (predicts the next image token).
         """
@@ -228,8 +229,10 @@ class Decoder:
 
 
 def text_group_size(text_ids: torch.Tensor) -> int:
-    """G: the largest run length that splits ``text_ids`` (b, T) into equal blocks of identical rows
-    (the gcd of the lengths of consecutive runs; 1 when neighbouring captions all differ)."""
+    """G: the largest run length that splits ``text_ids`` (b, T) into equal blocks of identical rows.
+
+    It is the gcd of the lengths of consecutive runs; 1 when neighbouring captions all differ.
+    """
     rows = text_ids.tolist()
     runs, n = [], 1
     for a, b in zip(rows, rows[1:]):

@@ -34,6 +34,7 @@ def build_mask(kind: str, text_seq_length: int, image_tokens_per_dim: int, *, hf
         image_tokens_per_dim: D.
         hf_version: 'v2' or 'v3' (only conv differs).
         kernel: conv window size (11 in the reference).
+        device: where the mask is built.
     Returns:
         bool [S, S].
     """

@@ -60,12 +60,14 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
+        """Shown by ``repr(module)``: the layer's shape and its int8 weights."""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 def quantize_linear_layers(model: nn.Module, include_head: bool = True) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of a DalleModel's layers (and the logits head) by
-    :class:`Int8Linear`. Embeddings and LayerNorms stay in float.
+    """Replace, in place, every ``nn.Linear`` of a DalleModel's layers (and the logits head) by :class:`Int8Linear`.
+
+    Embeddings and LayerNorms stay in float.
 
     Args:
         model: a DalleModel (or any module); switched to eval mode.

@@ -155,7 +155,8 @@ def merge_datasets(sources: list[str | Path], out: str | Path, *, one_per_concep
     source are referenced from ``out/LICENSES/README.md``.
 
     Args:
-        sources: built dataset folders. out: the merged folder.
+        sources: built dataset folders.
+        out: the merged folder.
         one_per_concept: style priority (e.g. ``["twemoji", "noto"]``): keep one training image per
             concept, of the first style it has (:func:`one_row_per_concept`); None keeps every row.
     """
@@ -201,6 +202,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    """Run ``holst data merge``: merge built datasets into one folder; prints the counts as JSON."""
     styles = [s.strip() for s in args.one_per_concept.split(",") if s.strip()] if args.one_per_concept else None
     meta = merge_datasets(args.sources, args.out, one_per_concept=styles)
     print(json.dumps({"out": args.out, "counts": meta["counts"], "parts": meta["parts"]}, ensure_ascii=False))

@@ -110,6 +110,7 @@ class IconSet:
         self.chars = {norm_hex(k): v for k, v in chars.items()}
 
     def name_of(self, hexcode: str) -> str | None:
+        """The icon name of an emoji (hex code point sequence), or None when this set has no icon for it."""
         name = self.chars.get(hexcode)
         return name if name is not None and (name in self.icons or name in self.aliases) else None
 
@@ -131,6 +132,7 @@ class IconSet:
         raise KeyError(f"alias chain too long for {name}")
 
     def render(self, name: str, size: int, report: DataReport | None = None) -> Image.Image:
+        """Render one icon as an RGB image of ``size`` x ``size`` on white (alias rotations and flips applied)."""
         icon, rotate, hflip, vflip = self.resolve(name)
         w, h = icon.get("width", self.width), icon.get("height", self.height)
         left, top = icon.get("left", 0), icon.get("top", 0)
@@ -172,6 +174,7 @@ def load_icon_sets(styles: list[str], cache: Path, offline: bool) -> tuple[dict[
 
 
 def write_licenses(out: Path, styles: list[str], tarballs: dict[str, Path], captions_tgz: Path) -> None:
+    """Write ``out/LICENSES/``: the licence texts of the captions package and of every art style used."""
     lic = out / "LICENSES"
     lic.mkdir(parents=True, exist_ok=True)
     name, version, spdx = CAPTIONS_PACKAGE
@@ -216,8 +219,12 @@ def build_emoji(out: str | Path, *, size: int = 64, styles: list[str] | tuple[st
         skins: also render the skin-tone variants (about doubles the set).
         groups: keep only these emojibase groups (e.g. ``animals-nature``); None = all.
         limit: keep only the first ``limit`` concepts (emojibase order), for smoke tests.
-        seed, heldout_concepts, heldout_styles: the fixed held-out split (:func:`assign_split`).
-        cache: package cache folder (default ``~/.cache/holst``); offline: never fetch.
+        seed: seed of the fixed held-out split (:func:`assign_split`).
+        heldout_concepts: fraction of concepts held out entirely (``test_concept``).
+        heldout_styles: fraction of the other concepts with two or more styles that have one style held
+            out (``test_style``).
+        cache: package cache folder (default ``~/.cache/holst``).
+        offline: never fetch; use the cache only.
         overwrite: replace an earlier build in ``out``.
 
     Returns:
@@ -277,6 +284,7 @@ def build_emoji(out: str | Path, *, size: int = 64, styles: list[str] | tuple[st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst data emoji``."""
     parser.add_argument("--out", required=True, help="output folder, e.g. data/emoji")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--styles", default=",".join(DEFAULT_STYLES),
@@ -295,6 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst data emoji``: build the emoji dataset; prints the counts as JSON."""
     if args.size < 8:
         raise SystemExit(f"--size={args.size} must be >= 8")
     meta = build_emoji(args.out, size=args.size, styles=[s for s in args.styles.split(",") if s], skins=args.skins,

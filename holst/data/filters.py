@@ -40,16 +40,19 @@ class FilterReport:
     decode: DataReport = dataclasses.field(default_factory=DataReport)
 
     def remove(self, reason: str, key: str) -> None:
+        """Count one removed row under ``reason``, keeping up to 5 example keys."""
         self.removed[reason] += 1
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(key)
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (removed counts, examples, image conversions)."""
         return {"read": self.read, "kept": self.kept, "removed": dict(self.removed),
                 "removed_total": sum(self.removed.values()), "examples": dict(self.examples),
                 "converted": dict(self.decode.converted)}
 
     def summary(self) -> str:
+        """The report as text: totals, then one line per reason with examples."""
         lines = [f"read {self.read}, kept {self.kept}, removed {sum(self.removed.values())}"]
         for reason, n in self.removed.items():
             lines.append(f"  {reason}: {n} (e.g. {', '.join(self.examples[reason][:3])})")
@@ -72,8 +75,10 @@ _DCT32 = _dct_matrix(32)
 
 
 def phash(image: Image.Image) -> int:
-    """64-bit perceptual hash: 8x8 low frequencies of the DCT of a 32x32 grey image, thresholded at
-    their median. Robust to re-encoding, resizing and small colour shifts; Hamming distance compares."""
+    """64-bit perceptual hash: 8x8 low frequencies of the DCT of a 32x32 grey image, thresholded at their median.
+
+    Robust to re-encoding, resizing and small colour shifts; Hamming distance compares.
+    """
     grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
     low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].flatten()
     bits = low > np.median(low[1:])  # the DC term (overall brightness) would dominate the median
@@ -86,6 +91,7 @@ def pixel_hash(image: Image.Image) -> str:
 
 
 def hamming(a: int, b: int) -> int:
+    """Hamming distance between two 64-bit perceptual hashes."""
     return (a ^ b).bit_count()
 
 
@@ -118,6 +124,7 @@ class NearDuplicateIndex:
         return None
 
     def add(self, h: int) -> int:
+        """Store a hash; returns its index."""
         i = len(self.hashes)
         self.hashes.append(h)
         for table, part in zip(self.tables, self._parts(h)):

@@ -43,10 +43,12 @@ class DataReport:
     examples: dict = field(default_factory=dict)  # reason -> first offending key (for the message)
 
     def skip(self, reason: str, key: str = "") -> None:
+        """Count one skipped sample under ``reason``, keeping the first offending key."""
         self.skipped[reason] += 1
         self.examples.setdefault(reason, key)
 
     def merge(self, other: DataReport) -> DataReport:
+        """Add another report's counts to this one; returns self."""
         self.read += other.read
         self.kept += other.kept
         self.skipped.update(other.skipped)
@@ -56,6 +58,7 @@ class DataReport:
         return self
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (counts sorted by reason)."""
         return {"read": self.read, "kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
                 "skipped_total": sum(self.skipped.values()), "converted": dict(sorted(self.converted.items())),
                 "examples": dict(sorted(self.examples.items()))}

@@ -415,8 +415,10 @@ def iter_tar_samples(path: Path, report: DataReport) -> Iterator[tuple[str, dict
 
 
 def _has_end_marker(path: Path) -> bool:
-    """A complete tar ends with two zero blocks and is a whole number of 512-byte blocks; tarfile's
-    stream reader stops silently at a header cut short, so truncation is checked here."""
+    """Whether a tar file is complete: a whole number of 512-byte blocks ending with two zero blocks.
+
+    tarfile's stream reader stops silently at a header cut short, so truncation is checked here.
+    """
     try:
         size = path.stat().st_size
         if size < 1024 or size % 512:
@@ -470,6 +472,7 @@ class WebDatasetShards(IterableDataset):
         self.report = DataReport()
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Set the epoch (it picks the shard order when ``shuffle_shards``) and the sample to resume at."""
         self.epoch, self.start_sample = epoch, start_sample
 
     def _shard_order(self) -> list[Path]:
@@ -538,6 +541,7 @@ class WebDatasetShards(IterableDataset):
 
 
 def is_shard_source(source: str | Path) -> bool:
+    """Whether ``source`` names tar shards (a .tar file, a brace range, a glob of .tar files or a folder of them)."""
     text = str(source)
     path = Path(text)
     if text.endswith(".tar") or ("{" in text and ".." in text):

@@ -61,9 +61,12 @@ def prepare_codes(dataset, encoder, out: str | Path, *, langs: Sequence[str], ba
         encoder: a VQGAN (or anything with that ``encode``), already on ``device`` and in eval mode.
         out: output folder (``codes-00000.safetensors`` + ``.json``, ..., ``index.json``).
         langs: caption languages stored per image (``txt`` for tar shards).
-        batch_size, shard_size: images per encode call / per shard.
+        batch_size: images per encode call.
+        shard_size: images per shard.
         fmt: ``safetensors`` or ``npz``.
-        n_embed: codebook size (int16 vs int32 storage); extra: more fields for index.json (source, split).
+        device: where the images go before ``encoder.encode``.
+        n_embed: codebook size (int16 vs int32 storage).
+        extra: more fields for index.json (source, split).
 
     Returns:
         The index dict written to ``out/index.json``.
@@ -141,6 +144,7 @@ def prepare_codes(dataset, encoder, out: str | Path, *, langs: Sequence[str], ba
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst prepare codes``."""
     parser.add_argument("--vqgan", required=True, help="VQGAN directory (config.json + model.safetensors)")
     parser.add_argument("--data", required=True,
                         help="dataset: built folder (captions.jsonl), table, image folder or .tar shards")
@@ -157,6 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst prepare codes``: encode a dataset with a VQGAN into code shards."""
     from holst.utils.runtime import resolve_device
     from holst.vqgan import VQGAN
 

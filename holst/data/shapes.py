@@ -99,16 +99,19 @@ class ShapeSpec:
             raise ValueError(f"a spec has 1 or 2 objects, got {len(self.objects)}")
 
     def to_dict(self) -> dict:
+        """The spec as a JSON-ready dict (:meth:`from_dict` reads it back)."""
         return {"objects": [dataclasses.asdict(o) for o in self.objects], "background": self.background,
                 "position": self.position, "relation": self.relation}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeSpec:
+        """A spec from :meth:`to_dict`'s output."""
         return cls(tuple(Obj(**o) for o in d["objects"]), d.get("background", "white"), d.get("position"),
                    d.get("relation"))
 
     @property
     def id(self) -> str:
+        """A stable text id of the spec (objects, position or relation, background)."""
         objs = "+".join(f"{o.size}-{o.colour}-{o.shape}" for o in self.objects)
         return f"{objs}@{self.position or self.relation}@{self.background}"
 
@@ -231,8 +234,10 @@ def _classify_pixels(arr: np.ndarray) -> np.ndarray:
 
 
 def measure(image: Image.Image | np.ndarray | torch.Tensor) -> dict:
-    """Read the scene from pixels: background name and, per palette colour present, its object's
-    shape, size and centre (fractions of the side). Used by :func:`check`."""
+    """Read the scene from pixels: the background name and, per palette colour present, its object.
+
+    Each object: its shape, size and centre (fractions of the side). Used by :func:`check`.
+    """
     if isinstance(image, torch.Tensor):  # (3, H, W) float in [0, 1]
         image = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
@@ -433,6 +438,7 @@ def build_shapes(out: str | Path, *, size: int = 64, count: int = 10000, n_objec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst data shapes``."""
     parser.add_argument("--out", required=True, help="output folder, e.g. data/shapes")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--count", type=int, default=10000, help="number of training images (default 10000)")
@@ -445,6 +451,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst data shapes``: render the synthetic shapes dataset; prints its metadata as JSON."""
     holdout = DEFAULT_HOLDOUT if args.holdout is None else parse_holdout(args.holdout)
     meta = build_shapes(args.out, size=args.size, count=args.count,
                         n_objects=[int(x) for x in args.objects.split(",") if x], holdout=holdout,

@@ -53,6 +53,7 @@ def clean_caption(text: str) -> str:
 
 
 def is_photo(path: Path) -> bool:
+    """Whether a stamp is a photo (at least ``PHOTO_MIN_COLOURS`` colours in a 256 px thumbnail) or clip art."""
     with Image.open(path) as im:
         im = im.convert("RGBA")
         im.thumbnail((256, 256))
@@ -77,10 +78,14 @@ def build_tuxpaint(out: str | Path, *, size: int = 64, limit: int | None = None,
     """Build the Tux Paint dataset into ``out``.
 
     Args:
-        out: output folder; size: image side in pixels (letterboxed on white).
+        out: output folder.
+        size: image side in pixels (letterboxed on white).
         limit: only the first ``limit`` stamps (sorted by path), for smoke tests.
-        seed, heldout_concepts: fixed held-out split by stamp (:func:`holst.data.builtin.assign_split`).
-        cache: package cache; offline: never fetch; overwrite: replace an earlier build.
+        seed: seed of the fixed held-out split by stamp (:func:`holst.data.builtin.assign_split`).
+        heldout_concepts: fraction of stamps held out.
+        cache: package cache.
+        offline: never fetch; use the cache only.
+        overwrite: replace an earlier build.
         stamps_root: use an already unpacked stamps folder instead of the Debian package (tests).
 
     Returns:
@@ -146,6 +151,7 @@ def build_tuxpaint(out: str | Path, *, size: int = 64, limit: int | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst data tuxpaint``."""
     parser.add_argument("--out", required=True, help="output folder, e.g. data/tuxpaint")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N stamps (smoke tests)")
@@ -157,6 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst data tuxpaint``: build the Tux Paint dataset; prints the counts as JSON."""
     if args.size < 8:
         raise SystemExit(f"--size={args.size} must be >= 8")
     meta = build_tuxpaint(args.out, size=args.size, limit=args.limit, seed=args.seed,

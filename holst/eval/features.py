@@ -62,10 +62,12 @@ class EffLite0Features(nn.Module):
 
     @property
     def fingerprint(self) -> str:
+        """Name and resolution: part of the key of cached reference statistics."""
         return f"{self.name}@{self.resolution}"
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> (B, 1280) pooled features (bicubic resize to ``resolution`` first)."""
         x = images.float()
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", antialias=True,
@@ -90,6 +92,7 @@ def extract_features(net: Callable[[torch.Tensor], torch.Tensor],
     Args:
         net: (B, 3, H, W) [0, 1] -> (B, D).
         images: a (N, 3, H, W) tensor, or an iterable of (3, H, W) / (B, 3, H, W) tensors.
+        batch_size: images per forward pass.
     Returns:
         (N, D) float32 on the CPU.
     """
@@ -148,9 +151,11 @@ def cached_reference_stats(files: Sequence[str | Path], load: Callable[[], Itera
     Args:
         files: the image files the set is made of (only their paths, sizes and mtimes are hashed).
         load: yields the images (3, H, W) / (B, 3, H, W) in [0, 1]; called only on a cache miss.
-        net: the feature net; fingerprint: names it and its settings (e.g. 'FD-EffLite0@224'), and
-            whatever else changes the images (size, crop), so different settings never share a file.
+        net: the feature net.
+        fingerprint: names the net and its settings (e.g. 'FD-EffLite0@224'), and whatever else
+            changes the images (size, crop), so different settings never share a file.
         cache_dir: default :func:`default_cache_dir`; None there too = no cache.
+        batch_size: images per forward pass.
     Returns:
         (mu (D,) float64, sigma (D, D) float64, info {"key", "cached": bool, "n", "path"}).
     """

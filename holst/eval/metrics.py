@@ -49,7 +49,10 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     sqrtm and its complex round-off. Exact for singular covariances (few samples), in float64.
 
     Args:
-        mu1, mu2: (D,) means; sigma1, sigma2: (D, D) covariances.
+        mu1: (D,) mean of the first set.
+        sigma1: (D, D) covariance of the first set.
+        mu2: (D,) mean of the second set.
+        sigma2: (D, D) covariance of the second set.
     Returns:
         The distance (>= 0 up to round-off; 0 for identical statistics).
     """

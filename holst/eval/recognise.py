@@ -1,4 +1,4 @@
-"""Recognisability: do the generated images show the caption's concept? (``holst eval recognise``)
+"""Recognisability (``holst eval recognise``): do the generated images show the caption's concept?
 
 A measure that needs no CLIP of ours (issue 13). For each of N captions of a concept the pipeline
 generates K images (its sampling defaults, fixed seeds, no reranking cut). Every generated image and
@@ -59,8 +59,10 @@ def nearest_hits(queries: torch.Tensor, query_concepts: torch.Tensor, reference:
     """Whether each query's ``k`` nearest reference rows (cosine) include one of its own concept.
 
     Args:
-        queries: (Q, D) features. query_concepts: (Q,) long concept id of each query.
-        reference: (R, D) features. reference_concepts: (R,) long concept id of each reference row.
+        queries: (Q, D) features.
+        query_concepts: (Q,) long concept id of each query.
+        reference: (R, D) features.
+        reference_concepts: (R,) long concept id of each reference row.
         k: neighbours looked at (at most R, minus one with ``exclude``).
         exclude: (Q,) long reference row each query may not use (its own row: leave-one-out), -1 = none.
         chunk: queries compared at once (memory).
@@ -94,7 +96,12 @@ def concept_ranks(queries: torch.Tensor, query_concepts: torch.Tensor, reference
     A hit is a rank <= k; the rank is the finer figure for a model whose hits are still rare.
 
     Args:
-        as :func:`nearest_hits`.
+        queries: (Q, D) features.
+        query_concepts: (Q,) long concept id of each query.
+        reference: (R, D) features.
+        reference_concepts: (R,) long concept id of each reference row.
+        exclude: (Q,) long reference row each query may not use (leave-one-out), -1 = none.
+        chunk: queries compared at once (memory).
     Returns:
         (Q,) long ranks in 1..R (R + 1 when the concept has no reference row left).
     """
@@ -130,7 +137,9 @@ def chance_rate(reference_concepts: torch.Tensor, query_concepts: torch.Tensor, 
     """Mean over the queries of ``k x (reference rows of the query's concept) / R`` (capped at 1).
 
     Args:
-        reference_concepts: (R,) long. query_concepts: (Q,) long.
+        reference_concepts: (R,) long concept id of each reference row.
+        query_concepts: (Q,) long concept id of each query.
+        k: neighbours looked at.
     """
     R = reference_concepts.shape[0]
     counts = torch.bincount(reference_concepts, minlength=int(query_concepts.max()) + 1 if len(query_concepts) else 1)
@@ -194,6 +203,9 @@ class RealReference:
 
         Args:
             features: (M, 1280) EfficientNet-Lite0 features of the new images.
+            concept: their concept, new or already in the reference.
+            caption: the caption recorded for a new concept.
+            split: the split name recorded for them.
         """
         info = {k: dict(v) for k, v in self.info.items()}
         entry = info.setdefault(concept, {"ru": caption, "en": caption, "splits": [], "n": 0})
@@ -264,6 +276,7 @@ def load_reference(data: str | Path, net: Callable[[torch.Tensor], torch.Tensor]
         data: a folder written by ``holst data ...`` (``captions.jsonl`` with ``concept`` and ``split``).
         net: (B, 3, H, W) [0, 1] -> (B, 1280): the feature net (EfficientNet-Lite0).
         size: images are centre-cropped and resized to size x size first (the model's image size).
+        batch_size: images per forward pass.
         cache_dir: default ``$HOLST_CACHE/eval-stats``.
     Raises:
         ValueError when the table has no ``concept`` column.
@@ -323,8 +336,9 @@ def load_reference(data: str | Path, net: Callable[[torch.Tensor], torch.Tensor]
 
 def generate_images(pipe: Any, captions: Sequence[str], *, num_images: int, seed: int = 0,
                     sampling: dict | None = None) -> tuple[torch.Tensor, list[Any]]:
-    """``num_images`` images per caption with the pipeline's defaults; image j of caption i has seed
-    ``seed * 1_000_003 + i * num_images + j`` (no reranking cut, no upscaling).
+    """``num_images`` images per caption with the pipeline's defaults (no reranking cut, no upscaling).
+
+    Image j of caption i has seed ``seed * 1_000_003 + i * num_images + j``.
 
     Returns:
         (images (len(captions) * num_images, 3, H, W) in [0, 1], caption-major; the PipelineOutputs).
@@ -350,9 +364,17 @@ def recognise(pipe: Any, reference: RealReference, concepts: Sequence[str], net:
     """Hit rate of generated images for ``concepts``, with chance and the leave-one-out ceiling.
 
     Args:
-        pipe: a Text2ImagePipeline. reference: the real images. concepts: concept names in ``reference``.
+        pipe: a Text2ImagePipeline.
+        reference: the real images.
+        concepts: concept names in ``reference``.
         net: EfficientNet-Lite0 features (:class:`holst.eval.features.EffLite0Features`).
+        num_images: K images per caption.
+        seed: base seed of the images (:func:`generate_images`).
+        lang: caption language ('ru' or 'en').
+        k: neighbours looked at.
         captions: the caption of each concept (default: its most frequent ``lang`` caption).
+        sampling: sampling overrides passed to the pipeline (top_k, top_p, ...).
+        batch_size: images per feature pass.
     Returns:
         {"hit_rate", "chance", "ceiling", "n_captions", "n_images", "per_caption": [...], "images": tensor}.
     """
@@ -404,7 +426,18 @@ def eval_recognise(pipe: Any, reference: RealReference, out: str | Path, net: An
     """``recognise.json/.md/_grid.png``: hit rate, chance and ceiling for training and held-out concepts.
 
     Args:
-        num_captions: concepts per group (0 = all); num_images: K images per caption.
+        pipe: a Text2ImagePipeline.
+        reference: the real images.
+        out: folder the report files go to.
+        net: EfficientNet-Lite0 features (:class:`holst.eval.features.EffLite0Features`).
+        num_captions: concepts per group (0 = all).
+        num_images: K images per caption.
+        seed: base seed of the images.
+        lang: caption language ('ru' or 'en').
+        k: neighbours looked at.
+        sampling: sampling overrides passed to the pipeline (top_k, top_p, ...).
+        grid_rows: captions shown in each grid PNG.
+        batch_size: images per feature pass.
     Returns:
         The report dict.
     """

@@ -23,9 +23,11 @@ from PIL import Image
 class ImageTokenizer(Protocol):
     """What :func:`vqgan_degrade` needs from a VQGAN (holst.vqgan.VQGAN fits; no import needed here)."""
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] -> codes."""
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> (B, 3, H, W) images in [0, 1]."""
 
 
 def _uniform(low: float, high: float, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -85,7 +87,9 @@ def classic_degrade(lr: torch.Tensor, *, blur_sigma: tuple[float, float] = (0.2,
 
     Args:
         lr: (B, C, h, w) float in [0, 1].
-        blur_sigma, noise_std, jpeg_quality: [min, max] ranges sampled uniformly per image.
+        blur_sigma: [min, max] Gaussian blur sigma, sampled uniformly per image.
+        noise_std: [min, max] Gaussian noise standard deviation, sampled uniformly per image.
+        jpeg_quality: [min, max] JPEG quality, sampled uniformly per image.
         generator: the source of every random draw.
     Returns:
         (B, C, h, w) float in [0, 1].

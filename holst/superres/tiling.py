@@ -158,7 +158,9 @@ def super_resolve(model: nn.Module | None, images: torch.Tensor, scale: int | No
         images: (B, C, H, W) float in [0, 1].
         scale: wanted integer factor; None = the model's own. Below the model's scale the model runs
             and its output is shrunk; above it (or without a model) Lanczos is used with a warning.
-        tile, overlap, batch_size: see :func:`upscale`.
+        tile: tile side in input pixels; 0 runs the image whole (see :func:`upscale`).
+        overlap: context pixels added on each side of a tile.
+        batch_size: how many equally shaped windows go through the model at once.
     Returns:
         SuperResOutput(images (B, C, scale*H, scale*W) float32 in [0, 1], method).
     """

@@ -86,8 +86,11 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA GPUs that
-    support it, fp16 on older GPUs, fp32 on other CPUs and MPS."""
+    """The precision to train in: ``precision`` itself unless it is 'auto'.
+
+    'auto' -> bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA GPUs that
+    support it, fp16 on older GPUs, fp32 on other CPUs and MPS.
+    """
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             log.warning("precision='fp16' on CPU is slow (meant for GPUs without bf16); it works for testing")
@@ -214,10 +217,12 @@ class Engine:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0 (the process that logs and writes files)."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """True when more than one process trains."""
         return self.world_size > 1
 
     # ------------------------------------------------------------------ wrapping
@@ -262,8 +267,11 @@ class Engine:
         return model, optimizer
 
     def _compile(self, model: nn.Module) -> nn.Module:
-        """``torch.compile`` the (wrapped) model's forward: its step, backward included, runs as
-        fused kernels (C++ on CPU, Triton on CUDA); the first steps pay the compilation."""
+        """``torch.compile`` the (wrapped) model's forward.
+
+        Its step, backward included, runs as fused kernels (C++ on CPU, Triton on CUDA); the first
+        steps pay the compilation.
+        """
         if self.backend == "fsdp":
             log.warning("compile: true is not applied under FSDP here; running eager")
             return model

@@ -186,6 +186,7 @@ class TrainRun:
         self.engine.save_checkpoint(self.checkpoint, stage=self.stage, **self._tracked, step=self.step, **extra)
 
     def should_log(self, step: int) -> bool:
+        """Whether ``step`` is logged: every ``log_every`` steps and the last one."""
         return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
 
     def log(self, step: int, metrics: dict[str, Any]) -> bool:

@@ -158,6 +158,7 @@ class EMA:
                 "shadow": {n: s.detach().cpu() for n, s in zip(self.names, full)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (decay, update count, averaged weights by name)."""
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         missing = [n for n in self.names if n not in state["shadow"]]

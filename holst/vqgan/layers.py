@@ -40,6 +40,7 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H, W): two norm-swish-conv steps plus the (1x1-projected) input."""
         h = self.conv1(nonlinearity(self.norm1(x)))
         h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
         if self.nin_shortcut is not None:
@@ -59,6 +60,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): single-head self-attention over the H*W positions, plus the input."""
         b, c, h, w = x.shape
         y = self.norm(x)
         # (B, C, H, W) -> (B, 1, N, C): one head; SDPA's default scale is C^-1/2 as in taming.
@@ -76,6 +78,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2): pad right and bottom by one, 3x3 conv with stride 2 (taming's)."""
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
@@ -87,6 +90,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour upsampling, then a 3x3 conv."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -147,6 +151,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_channels, H, W) -> latents (B, z_channels or 2 * z_channels, H/f, W/f)."""
         h = self.conv_in(x)
         for level in self.down:
             for i, block in enumerate(level.block):
@@ -197,6 +202,7 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), unbounded (callers clamp)."""
         h = self.mid(self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
@@ -254,9 +260,11 @@ class DecoderDWT(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
+        """Weight of the last conv (the adaptive GAN weight balances gradients here)."""
         return self.decoder.conv_out.weight
 
     def forward(self, quant: torch.Tensor) -> torch.Tensor:
+        """Quantized latents (B, embed_dim, h, w) -> images (B, 3, 2*h*f, 2*w*f) through the inverse Haar DWT."""
         y = self.decoder(self.post_quant_conv(quant))  # (B, 12, H, W)
         b, _, h, w = y.shape
         # channels 0-2 = LL per RGB; 3-11 viewed (B, 3 colour, 3 band, H, W)

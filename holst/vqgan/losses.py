@@ -42,6 +42,7 @@ class PatchDiscriminator(nn.Module):
         self.apply(_gan_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1, h, w) real/fake logits, one per patch."""
         return self.main(x)
 
 
@@ -82,6 +83,7 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding computed from the input size (EfficientNet's convention)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution with TensorFlow's "same" padding (asymmetric when the total is odd)."""
         pads = []
         for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
@@ -187,14 +189,17 @@ def load_efficientnet_lite0(path: str | None = None) -> EfficientNetLite0Feature
 
 
 class PerceptualLoss(nn.Module):
-    """LPIPS-style distance on EfficientNet-Lite0 features: per stage, unit-normalise channels,
-    mean squared difference, averaged over stages (no learned heads: none ship offline)."""
+    """LPIPS-style distance on EfficientNet-Lite0 features (no learned heads: none ship offline).
+
+    Per stage: unit-normalise the channels, take the mean squared difference; then average over stages.
+    """
 
     def __init__(self, features: EfficientNetLite0Features, stages: tuple[int, ...] = (0, 1, 2, 3, 4)):
         super().__init__()
         self.features, self.stages = features, stages
 
     def train(self, mode: bool = True) -> PerceptualLoss:
+        """Set the training mode; the feature network stays in eval mode (frozen BatchNorm statistics)."""
         super().train(mode)
         self.features.eval()  # frozen BatchNorm statistics, always
         return self

@@ -15,7 +15,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     """Peak signal-to-noise ratio per image.
 
     Args:
-        a, b: images (B, C, H, W) in [0, data_range].
+        a: images (B, C, H, W) in [0, data_range].
+        b: images of the same shape to compare with.
+        data_range: the value of white (1 for images in [0, 1], 255 for bytes).
     Returns:
         (B,) float dB; identical images give +inf.
     """
@@ -32,11 +34,16 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> t
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int = 11,
          sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) per image: Gaussian 11x11 window, sigma 1.5,
-    K1 0.01, K2 0.03, valid-region mean over pixels and channels.
+    """Structural similarity (Wang et al. 2004) per image.
+
+    Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, valid-region mean over pixels and channels.
 
     Args:
-        a, b: images (B, C, H, W) in [0, data_range]; a smaller window is used for images under 11 px.
+        a: images (B, C, H, W) in [0, data_range]; a smaller window is used for images under 11 px.
+        b: images of the same shape to compare with.
+        data_range: the value of white (1 for images in [0, 1], 255 for bytes).
+        window: side of the Gaussian window.
+        sigma: standard deviation of the Gaussian window.
     Returns:
         (B,) float in [-1, 1]; 1 for identical images.
     """
