@@ -205,7 +205,11 @@ class Decoder:
         """softmax over [shared text keys, own image keys] of one query per row.
 
         Args:
-            q: [R, H] scaled queries; keys, values: [R, nh, K, hd]; bias: [1, K] or None.
+            i: the layer index (selects its shared text keys and values).
+            q: [R, H] scaled queries.
+            keys: [R, nh, K, hd] the row's visible image keys.
+            values: [R, nh, K, hd] the matching values.
+            bias: [1, K] additive score bias (-inf for hidden slots), or None.
         Returns:
             [R, nh, 1, hd].
         """

@@ -22,7 +22,8 @@ from holst.data.loaders import IMAGE_EXTS, is_shard_source, read_table
 def load_rows(source: Path, caption_key: str, scan: DataReport) -> tuple[list[dict], Path, list[str]]:
     """(rows, folder relative paths are resolved against, caption files that were not UTF-8).
 
-    Table rows that cannot be read (not UTF-8, not JSON) are counted in ``scan``."""
+    Table rows that cannot be read (not UTF-8, not JSON) are counted in ``scan``.
+    """
     if source.is_dir() and (source / "captions.jsonl").is_file():
         return read_table(source / "captions.jsonl", scan), source, []
     if source.is_file():
@@ -45,6 +46,7 @@ def load_rows(source: Path, caption_key: str, scan: DataReport) -> tuple[list[di
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst prepare filter``."""
     parser.add_argument("--input", required=True, help="dataset folder, table (.jsonl/.csv/.parquet) or image folder")
     parser.add_argument("--out", required=True, help="output JSONL table, e.g. data/emoji/filtered.jsonl")
     parser.add_argument("--lang", default="ru", help="caption column to check (default ru)")
@@ -62,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst prepare filter``: write the kept rows (or filtered shards) and a report; prints its summary."""
     source, out = Path(args.input), Path(args.out)
     options = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
                             min_side=args.min_side, max_aspect=args.max_aspect, exact_dedup=not args.no_exact_dedup,

@@ -20,6 +20,7 @@ from holst.utils.runtime import get_logger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``holst train tokenizer``."""
     parser.add_argument("inputs", nargs="+", type=Path, help="UTF-8 text file(s) of captions, one per line")
     parser.add_argument("--vocab-size", type=int, required=True,
                         help="total ids including the 4 special ids (ruDALL-E: 16384)")
@@ -49,6 +50,7 @@ def _read_lines(paths: list[Path]) -> Iterator[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``holst train tokenizer``: train a BPE tokenizer on caption files and save it to ``--out``."""
     from holst.config import ConfigError
     from holst.text.tokenizer import BPETokenizer, TokenizerError
 
