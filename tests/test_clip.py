@@ -291,7 +291,7 @@ def test_train_clip_end_to_end(tmp_path):
     items = toy_items(0)
     pairs = PairSet.from_items(items, 16)
     assert len(pairs) == 12 and pairs.captions[0] == ["красный квадрат", "red square"]
-    cfg = ClipTrainConfig(out_dir=str(tmp_path / "run"), preset="tiny", max_steps=50, batch_size=12, lr=2e-3,
+    cfg = ClipTrainConfig(out_dir=str(tmp_path / "run"), model="tiny", max_steps=50, batch_size=12, lr=2e-3,
                           warmup_steps=5, eval_every=0, save_every=25, log_every=25, tokenizer_vocab_size=80,
                           weight_decay=0.0, tensorboard=False, num_threads=1)
     result = train_clip(cfg, train_data=items, eval_data=toy_items(1)).metrics

@@ -96,7 +96,7 @@ def stage_options(stage: str, assets: dict[str, Path], out_dir: Path) -> dict:
                       langs=["ru"], bpe_dropout=0.1, empty_caption_prob=0.2,
                       model_overrides={"embedding_dropout_prob": 0.1, "output_dropout_prob": 0.1}),
         "vqgan": dict(model="tiny", data=data, image_size=32, num_val=0, eval_every=0),
-        "clip": dict(preset="tiny", data=data, eval_splits=[], caption_lang="ru", tokenizer_vocab_size=64,
+        "clip": dict(model="tiny", data=data, eval_splits=[], caption_lang="ru", tokenizer_vocab_size=64,
                      eval_every=0, eval_max_images=16),
         "superres": dict(data=data, scale=2, num_feat=8, num_block=0, num_grow_ch=4, hr_size=16,
                          degradation="classic"),
@@ -286,9 +286,9 @@ TINY = {
                             sample_every=0),
     "vqgan": lambda a: dict(model="tiny", model_overrides={}, init_from="", data=str(a["dirty"]), image_size=32,
                             num_val=4, eval_every=2, disc_start=1, disc_ndf=8, disc_layers=1, num_workers=1),
-    "clip": lambda a: dict(preset="tiny", model_overrides={}, init_from=None, data=str(a["dirty"]), eval_splits=[],
+    "clip": lambda a: dict(model="tiny", model_overrides={}, init_from="", data=str(a["dirty"]), eval_splits=[],
                            tokenizer=None, tokenizer_vocab_size=64, eval_every=0),
-    "superres": lambda a: dict(init="", data=str(a["dirty"]), num_feat=8, num_block=0, num_grow_ch=4, hr_size=16,
+    "superres": lambda a: dict(init_from="", data=str(a["dirty"]), num_feat=8, num_block=0, num_grow_ch=4, hr_size=16,
                                image_size=0, scale=2, vqgan="", degradation="classic"),
 }
 

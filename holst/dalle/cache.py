@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from holst.config import DalleConfig
+from holst.dalle.config import DalleConfig
 from holst.dalle.masks import build_mask, layer_mask_kind
 
 

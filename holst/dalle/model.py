@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from holst.config import DalleConfig
 from holst.dalle.attention import ATTN_IMPLS, DalleSelfAttention, SparseLayout, sparse_layout
 from holst.dalle.cache import KVCache, LayerKV
+from holst.dalle.config import DalleConfig
 from holst.dalle.masks import build_layer_masks, layer_mask_kind
 from holst.utils.persist import PretrainedMixin
 

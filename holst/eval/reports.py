@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from holst.config import EvalConfig
 from holst.eval import plots
+from holst.eval.config import EvalConfig
 from holst.eval.features import FD_NAME, cached_reference_stats, extract_features, try_efflite0
 from holst.eval.metrics import (
     codebook_usage,

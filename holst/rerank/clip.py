@@ -14,42 +14,14 @@ bilinear resize to R, OpenAI mean/std normalisation.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from holst.config import ClipConfig, ConfigError
+from holst.rerank.config import CLIP_PRESETS, ClipConfig, clip_preset  # noqa: F401 (re-exported)
 from holst.utils.persist import PretrainedMixin
-
-# Our small presets, as data. 'tiny': unit tests. 'emoji64': ranks the shipped default's 64 px
-# images; sized so that `holst train clip` learns useful retrieval on a 2-core CPU in ~10 minutes.
-CLIP_PRESETS: dict[str, dict[str, Any]] = {
-    "ruclip-vit-base-patch32-384": {},
-    "ruclip-vit-base-patch32-224": dict(image_resolution=224),
-    "ruclip-vit-base-patch16-224": dict(image_resolution=224, vision_patch_size=16),
-    "ruclip-vit-base-patch16-384": dict(image_resolution=384, vision_patch_size=16),
-    "ruclip-vit-large-patch14-224": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
-                                         vision_patch_size=14, transformer_width=768, transformer_heads=12),
-    "ruclip-vit-large-patch14-336": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
-                                         vision_patch_size=14, transformer_width=768, transformer_heads=12),
-    "tiny": dict(embed_dim=32, image_resolution=16, vision_layers=2, vision_width=32, vision_patch_size=4,
-                 vision_heads=2, context_length=12, vocab_size=300, transformer_width=32, transformer_heads=2,
-                 transformer_layers=2),
-    "emoji64": dict(embed_dim=256, image_resolution=64, vision_layers=4, vision_width=256, vision_patch_size=8,
-                    context_length=32, vocab_size=2048, transformer_width=256, transformer_heads=4,
-                    transformer_layers=4),
-}
-
-
-def clip_preset(name: str, **overrides: Any) -> ClipConfig:
-    """A new ClipConfig for a named preset (see ``CLIP_PRESETS``) with optional field overrides."""
-    if name not in CLIP_PRESETS:
-        raise ConfigError(f"unknown CLIP preset {name!r}; choose one of {sorted(CLIP_PRESETS)}")
-    return ClipConfig.from_dict({**CLIP_PRESETS[name], **overrides})
-
 
 # ---------------------------------------------------------------------------------------------
 # Image preprocessing (torch ops; no torchvision)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from holst.config import SuperResConfig
+from holst.superres.config import SuperResConfig
 from holst.utils.persist import PretrainedMixin
 
 

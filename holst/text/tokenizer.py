@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from holst.config import TokenizerConfig
+from holst.text.config import TokenizerConfig
 
 SPACE_CHAR = "\u2581"  # "▁", YouTokenToMe's word-boundary symbol (SPACE_TOKEN = 9601)
 UNK_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<UNK>", "<PAD>", "<BOS>", "<EOS>"

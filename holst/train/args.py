@@ -64,7 +64,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _coerce_numbers(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """YAML 1.1 reads '1e-4' as a string; turn such values into floats where the field is a float."""
-    floats = {f.name for f in dataclasses.fields(cls) if str(f.type) == "float"}
+    floats = {f.name for f in dataclasses.fields(cls) if str(f.type) in ("float", "float | None")}
     out = dict(data)
     for k, v in data.items():
         if k in floats and isinstance(v, str):

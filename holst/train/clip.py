@@ -31,11 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from holst.config import ClipTrainConfig, ConfigError, DataConfig
+from holst.config import ConfigError
+from holst.data.config import DataConfig
 from holst.data.images import DataReport
-from holst.rerank.clip import CLIPModel, clip_preset, resize_square, retrieval_recall
+from holst.rerank.clip import CLIPModel, resize_square, retrieval_recall
+from holst.rerank.config import clip_preset
 from holst.rerank.ranker import CLIP_TOKENIZER_DIR, clip_text_ids
 from holst.train.args import add_train_arguments, run_train_command
+from holst.train.config import ClipTrainConfig
 from holst.train.data import open_samples
 from holst.train.engine import Engine
 from holst.train.loop import StateOf, TrainResult, TrainRun, refuse_unsupported, seeded
@@ -224,7 +227,7 @@ def evaluate_retrieval(model: CLIPModel, tokenizer, pairs: PairSet, *, max_image
 
 # ---------------------------------------------------------------------------------------- model
 def build_model(cfg: ClipTrainConfig, vocab_size: int) -> CLIPModel:
-    """A fresh CLIP from ``preset`` + ``model_overrides`` (vocab_size from the tokenizer), or ``init_from``."""
+    """A fresh CLIP from preset ``model`` + ``model_overrides`` (vocab_size from the tokenizer), or ``init_from``."""
     if cfg.init_from:
         model = CLIPModel.from_pretrained(cfg.init_from).train()
         if model.config.vocab_size < vocab_size:
@@ -232,7 +235,7 @@ def build_model(cfg: ClipTrainConfig, vocab_size: int) -> CLIPModel:
                               f"than the tokenizer's {vocab_size}; use that CLIP's own tokenizer")
         return model
     overrides = {"vocab_size": vocab_size, **cfg.model_overrides}
-    return CLIPModel(clip_preset(cfg.preset, **overrides))
+    return CLIPModel(clip_preset(cfg.model, **overrides))
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -255,7 +258,7 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
     t_start = time.perf_counter()
     # Resolution comes from the config the model will have; read it before building the model.
     resolution = (CLIPModel.config_class.load_json(Path(cfg.init_from) / "config.json").image_resolution
-                  if cfg.init_from else clip_preset(cfg.preset, **cfg.model_overrides).image_resolution)
+                  if cfg.init_from else clip_preset(cfg.model, **cfg.model_overrides).image_resolution)
     (train, report), heldout = load_pairs(cfg, resolution, train_data, eval_data)
     heldout = _shuffled(heldout, cfg.seed) if heldout is not None else None
     log.info("CLIP data: %d training images, %d held-out images", len(train),

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from holst.config import ConfigError, DalleTrainConfig, DataConfig
+from holst.config import ConfigError
 from holst.dalle import DalleModel
-from holst.presets import get_preset
+from holst.dalle.config import get_preset
+from holst.data.config import DataConfig
 from holst.train.args import add_train_arguments, run_train_command
+from holst.train.config import DalleTrainConfig
 from holst.train.data import SampleBatches, open_samples, sample_seed, stack_images
 from holst.train.engine import Engine
 from holst.train.loop import TrainResult, TrainRun, seeded
@@ -117,7 +119,7 @@ def build_model(cfg: DalleTrainConfig) -> DalleModel:
     else:
         config = get_preset(cfg.model, **cfg.model_overrides)
         model = seeded(cfg.seed, lambda: DalleModel(config, attn_impl=cfg.attn_impl))
-    if cfg.loss_img_weight >= 0:
+    if cfg.loss_img_weight is not None:
         model.config = model.config.replace(loss_img_weight=float(cfg.loss_img_weight))
     model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
     if cfg.freeze:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from holst.config import ConfigError, DataConfig
+from holst.config import ConfigError
+from holst.data.config import DataConfig
 from holst.data.images import DataReport
 from holst.utils.runtime import get_logger
 

@@ -363,7 +363,7 @@ def _measure_step_seconds(pipe: Any, items: list[dict], cfg: FinetuneConfig, pla
 
 
 def _train_config(cfg: FinetuneConfig, plan: dict, *, init_from: str, out: Path, caption: str, n_items: int) -> Any:
-    from holst.config import DalleTrainConfig
+    from holst.train.config import DalleTrainConfig
 
     return DalleTrainConfig(
         init_from=init_from, out_dir=str(out), max_steps=plan["steps"], lr=plan["lr"],

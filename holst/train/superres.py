@@ -20,11 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from holst.config import ConfigError, DataConfig, SuperResConfig, SuperResTrainConfig
+from holst.config import ConfigError
+from holst.data.config import DataConfig
 from holst.data.images import DataReport
+from holst.superres.config import SuperResConfig
 from holst.superres.degrade import make_pair
 from holst.superres.rrdbnet import RRDBNet
 from holst.train.args import add_train_arguments, run_train_command
+from holst.train.config import SuperResTrainConfig
 from holst.train.data import open_samples, stack_images
 from holst.train.engine import Engine
 from holst.train.loop import TrainResult, TrainRun, refuse_unsupported, seeded
@@ -84,11 +87,11 @@ def load_images(data: Any) -> tuple[torch.Tensor, DataReport]:
 
 
 def build_model(cfg: SuperResTrainConfig) -> RRDBNet:
-    """The model to train: ``cfg.init`` (a superres directory, fp32) or a fresh one seeded by ``cfg.seed``."""
-    if cfg.init:
-        model = RRDBNet.from_pretrained(cfg.init, dtype=torch.float32)
+    """The model to train: ``cfg.init_from`` (a superres directory, fp32) or a fresh one seeded by ``cfg.seed``."""
+    if cfg.init_from:
+        model = RRDBNet.from_pretrained(cfg.init_from, dtype=torch.float32)
         if model.scale != cfg.scale:
-            raise ConfigError(f"init={cfg.init!r} is an x{model.scale} model but scale={cfg.scale}")
+            raise ConfigError(f"init_from={cfg.init_from!r} is an x{model.scale} model but scale={cfg.scale}")
         return model.train()
     config = SuperResConfig(num_feat=cfg.num_feat, num_block=cfg.num_block, num_grow_ch=cfg.num_grow_ch,
                             scale=cfg.scale)

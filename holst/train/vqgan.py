@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from holst.config import ConfigError, DataConfig, VQGANConfig, VQGANTrainConfig
+from holst.config import ConfigError
+from holst.data.config import DataConfig
 from holst.train.args import add_train_arguments, run_train_command
+from holst.train.config import VQGANTrainConfig
 from holst.train.data import SampleBatches, open_samples, stack_images
 from holst.train.engine import Engine
 from holst.train.loop import TrainResult, TrainRun, refuse_unsupported, seeded
@@ -38,6 +40,7 @@ from holst.train.optim import build_optimizer, build_scheduler
 from holst.utils.images import make_grid, save_png, tensor_to_pil
 from holst.utils.runtime import get_logger
 from holst.vqgan import VQGAN, get_vqgan_preset
+from holst.vqgan.config import VQGANConfig
 from holst.vqgan.losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -96,8 +99,8 @@ def gumbel_temperature(step: int, cfg: VQGANTrainConfig) -> float:
 
 
 def kl_weight_at(step: int, cfg: VQGANTrainConfig, model_config: VQGANConfig) -> float:
-    """The Gumbel KL weight: linear ramp from 0 over kl_warmup_steps to kl_weight (-1 = the model's)."""
-    full = model_config.kl_weight if cfg.kl_weight < 0 else cfg.kl_weight
+    """The Gumbel KL weight: linear ramp from 0 over kl_warmup_steps to kl_weight (None = the model's)."""
+    full = model_config.kl_weight if cfg.kl_weight is None else cfg.kl_weight
     if cfg.kl_warmup_steps > 0:
         return full * min(1.0, step / cfg.kl_warmup_steps)
     return full

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from holst.config import VQGANConfig
 from holst.utils.persist import PretrainedMixin
+from holst.vqgan.config import VQGANConfig
 from holst.vqgan.layers import Decoder, DecoderDWT, Encoder
 from holst.vqgan.quantizer import GumbelQuantizer, VectorQuantizer
 
