@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from holst.config import ConfigError
 from holst.rerank import ClipRanker, clip_text_ids
 from holst.rerank.clip import CLIPModel, clip_preset
 from holst.text import BPETokenizer
@@ -70,7 +71,7 @@ def test_score_rejects_mismatched_counts_and_foreign_tokenizers(ranker):
     with pytest.raises(TypeError, match="sequence of captions"):
         ranker.score(_images(1), "круг")
     small = CLIPModel(clip_preset("tiny", vocab_size=50))
-    with pytest.raises(ValueError, match="exceeds the CLIP model's vocab_size=50"):
+    with pytest.raises(ConfigError, match="exceeds the CLIP model's vocab_size=50"):
         ClipRanker(small, ranker.tokenizer)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from holst.config import ConfigError
 from holst.rerank.clip import CLIPModel
 
 CLIP_TOKENIZER_DIR = "tokenizer"  # a CLIP directory keeps its tokenizer in <clip>/tokenizer/
@@ -60,10 +61,10 @@ class ClipRanker:
             tokenizer: the :class:`holst.text.BPETokenizer` the model was trained with; its
                 ``vocab_size`` must not exceed the model's.
         Raises:
-            ValueError: the tokenizer has more ids than the model's text embedding has rows.
+            ConfigError: the tokenizer has more ids than the model's text embedding has rows.
         """
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"CLIP tokenizer vocab_size={tokenizer.vocab_size} exceeds the CLIP model's "
+            raise ConfigError(f"CLIP tokenizer vocab_size={tokenizer.vocab_size} exceeds the CLIP model's "
                              f"vocab_size={model.config.vocab_size}: not this CLIP's tokenizer")
         self.model, self.tokenizer = model, tokenizer
 
