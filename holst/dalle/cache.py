@@ -97,8 +97,11 @@ class LayerKV:
     # ------------------------------------------------------------------ one-token steps
     def step_dynamic(self, k: torch.Tensor, v: torch.Tensor, p: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Write the new token's k, v ([B, nh, 1, hd]) at position p (an int >= T) and return the
-        visible keys, values ([B, nh, K_p, hd]) and a mask ([1, K_p] bool or None when all are visible)."""
+        """Write the new token's k, v ([B, nh, 1, hd]) at position p (an int >= T); return what it sees.
+
+        Returns the visible keys, values ([B, nh, K_p, hd]) and a mask ([1, K_p] bool or None when all
+        are visible).
+        """
         slot = self.slot_list[p]
         self.k[:, :, slot] = k[:, :, 0]
         self.v[:, :, slot] = v[:, :, 0]
@@ -125,6 +128,7 @@ class LayerKV:
         return self.k, self.v, mask
 
     def nbytes(self) -> int:
+        """Bytes held by the key and value buffers."""
         return self.k.numel() * self.k.element_size() * 2
 
 

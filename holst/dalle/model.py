@@ -92,7 +92,9 @@ class DalleLayer(nn.Module):
 
     def forward_step(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
         """One new token at layer position ``pos`` (int, or 0-dim tensor for a static cache).
-        x [B, 1, H] -> [B, 1, H]; attends only over the keys ``kv`` keeps for this layer's mask."""
+
+        x [B, 1, H] -> [B, 1, H]; attends only over the keys ``kv`` keeps for this layer's mask.
+        """
         q, k, v = self.attention.qkv(self.input_layernorm(x))  # each [B, nh, 1, hd]
         if isinstance(pos, int):
             keys, values, mask = kv.step_dynamic(k, v, pos)
@@ -147,9 +149,12 @@ class DalleModel(PretrainedMixin, nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     def init_weights(self, std: float = 0.02) -> None:
-        """GPT-style init for training from scratch: N(0, std) weights, output projections scaled
-        by 1/sqrt(2 L), zero biases, unit LayerNorms. (The reference leaves PyTorch defaults,
-        e.g. N(0, 1) embeddings, which train poorly from scratch; pretrained weights overwrite all.)"""
+        """GPT-style init for training from scratch.
+
+        N(0, std) weights, output projections scaled by 1/sqrt(2 L), zero biases, unit LayerNorms.
+        (The reference leaves PyTorch defaults, e.g. N(0, 1) embeddings, which train poorly from
+        scratch; pretrained weights overwrite all.)
+        """
         out_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -182,9 +187,12 @@ class DalleModel(PretrainedMixin, nn.Module):
 
     @torch.compiler.disable
     def attention_masks(self, S: int, device: torch.device) -> dict[str, torch.Tensor | SparseLayout]:
-        """What each mask kind's layers attend with for S positions: the bool [S, S] mask, or its
-        band layout under ``attn_impl='sparse'`` for full sequences (sdpa runs the other masks).
-        Built once and cached, outside ``torch.compile`` graphs (the layouts need ``nonzero``)."""
+        """What each mask kind's layers attend with for S positions.
+
+        The bool [S, S] mask, or its band layout under ``attn_impl='sparse'`` for full sequences (sdpa
+        runs the other masks). Built once and cached, outside ``torch.compile`` graphs (the layouts
+        need ``nonzero``).
+        """
         masks: dict = {kind: m[:S, :S] for kind, m in self.layer_masks(device).items()}
         if self.attn_impl == "sparse" and S == self.config.total_seq_length:
             layouts = self.sparse_layouts(device)
@@ -268,7 +276,8 @@ class DalleModel(PretrainedMixin, nn.Module):
         """Which layer positions the loss scores, and against which labels (reference.md §1.6).
 
         Args:
-            input_ids: (B, T + n) with n >= 1; S: positions seen by the layers.
+            input_ids: (B, T + n) with n >= 1.
+            S: positions seen by the layers.
         Returns:
             (text positions, (B, t) text labels, image positions, (B, m) image labels); text positions
             are scored over the text vocabulary rows of the head, image positions over the image rows.
@@ -347,7 +356,9 @@ class DalleModel(PretrainedMixin, nn.Module):
     @property
     def num_text_positions(self) -> int:
         """P: layer positions taken by the text (T; T + 1 in v2 because of the extra BOS).
-        Image token j sits at layer position P + j and is predicted by position P - 1 + j."""
+
+        Image token j sits at layer position P + j and is predicted by position P - 1 + j.
+        """
         return self.config.text_seq_length + (1 if self.config.hf_version == "v2" else 0)
 
     def new_cache(self, batch_size: int, *, static: bool = False) -> KVCache:
@@ -401,8 +412,10 @@ class DalleModel(PretrainedMixin, nn.Module):
         return self.transformer.final_layernorm(x)
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, s, H) final hidden states -> (B, s, image_vocab_size) image logits only
-        (the head's text rows are skipped: text is never sampled at image positions)."""
+        """(B, s, H) final hidden states -> (B, s, image_vocab_size) image logits only.
+
+        The head's text rows are skipped: text is never sampled at image positions.
+        """
         ln, head = self.to_logits[0], self.to_logits[1]
         x, start = ln(hidden), self.config.vocab_size
         if isinstance(head, nn.Linear):
@@ -475,7 +488,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     sum are fp32.
 
     Args:
-        x: [M, H]; weight: [V, H]; bias: [V]; labels: [M] long in 0..V-1.
+        x: [M, H] hidden states.
+        weight: [V, H] head weight.
+        bias: [V] head bias.
+        labels: [M] long in 0..V-1.
         chunk_elements: logits held at once (rows per chunk = chunk_elements // V); default
             ``LOSS_CHUNK_ELEMENTS``.
     Returns:

@@ -74,6 +74,7 @@ def load_heldout(data: str | Path, *, split: str = "test", size: int = 64, lang:
         data: a folder written by ``holst data ...`` (captions.jsonl with a ``split`` column) or a table.
         split: test | test_concept | test_style | train | all.
         size: images are centre-cropped and resized to size x size.
+        lang: caption column ('ru' or 'en').
         limit: keep at most this many rows, evenly spaced over the split (0 = all), so a small run
             still covers every style and source.
     Raises:
@@ -163,9 +164,11 @@ def eval_vqgan(vqgan: Any, data: str | Path, out: str | Path, cfg: EvalConfig | 
 
     Args:
         vqgan: a ``holst.vqgan.VQGAN`` (encode / decode / config.n_embed).
-        data: dataset folder with a split column. out: report folder.
+        data: dataset folder with a split column.
+        out: report folder.
         cfg: split, lang, limit, batch_size, fd, fd_resolution.
         size: encoder input size (default the VQGAN's ``config.resolution``).
+        cache_dir: where the real images' reference statistics are cached (default ``$HOLST_CACHE/eval-stats``).
         fd_net: feature net override (tests); default EfficientNet-Lite0 when installed.
     Returns:
         The report dict (also in ``out/vqgan.json``).
@@ -253,9 +256,13 @@ def eval_dalle(dalle: Any, tokenizer: Any, out: str | Path, cfg: EvalConfig | No
     folder's held-out images encoded with ``vqgan``.
 
     Args:
-        dalle: a ``DalleModel``; tokenizer: its ``BPETokenizer``.
+        dalle: a ``DalleModel``.
+        tokenizer: its ``BPETokenizer``.
+        out: report folder.
         cfg: split, lang ('ru', 'en' or 'both'), limit, batch_size.
-        vqgan + data, or codes: the held-out pairs.
+        vqgan: encodes the images of ``data`` (give both, or ``codes``).
+        data: dataset folder with a split column.
+        codes: held-out code shards instead of ``vqgan`` + ``data``.
     Returns:
         The report dict (also in ``out/dalle.json``): loss (the training objective), text_loss,
         image_loss (nats per token), bits_per_image_token, bits_per_image, image_perplexity.
@@ -403,9 +410,12 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
     images are reported beside them as the reachable reference.
 
     Args:
-        pipe: a ``Text2ImagePipeline``. data: dataset folder with a split column. out: report folder.
+        pipe: a ``Text2ImagePipeline``.
+        data: dataset folder with a split column.
+        out: report folder.
         cfg: split, lang, num_captions, num_images, candidates, fd, fd_resolution, seed, grid_rows.
         sampling: top_k / top_p / temperature / guidance_scale / batch_size overrides (default pipeline.json).
+        cache_dir: where the real images' reference statistics are cached (default ``$HOLST_CACHE/eval-stats``).
         fd_net: feature net override (tests).
     Returns:
         The report dict (also in ``out/pipeline.json``).
@@ -543,7 +553,9 @@ def eval_shapes(pipe: Any, out: str | Path, cfg: EvalConfig | None = None, *, da
 
     Args:
         pipe: a ``Text2ImagePipeline`` (trained on ``holst data shapes``).
+        out: report folder.
         cfg: num_captions (held-out specs drawn, 0 = all), num_images, lang, seed, grid_rows.
+        sampling: top_k / top_p / temperature / guidance_scale / batch_size overrides (default pipeline.json).
         data: a shapes dataset folder whose held-out rows give the specs (default: the default hold-out).
     Returns:
         The report dict (also in ``out/shapes.json``): accuracy per attribute over all images, of the

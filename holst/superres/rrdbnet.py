@@ -38,6 +38,7 @@ class ResidualDenseBlock(nn.Module):
         self.conv5 = nn.Conv2d(f + 4 * g, f, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, num_feat, H, W) -> (B, num_feat, H, W): ``conv5 * 0.2 + x``."""
         x1 = _lrelu(self.conv1(x))  # (B, G, H, W)
         x2 = _lrelu(self.conv2(torch.cat((x, x1), 1)))  # (B, G, H, W); input (B, F+G, H, W)
         x3 = _lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
@@ -56,6 +57,7 @@ class RRDB(nn.Module):
         self.rdb3 = ResidualDenseBlock(num_feat, num_grow_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, num_feat, H, W) -> (B, num_feat, H, W): three dense blocks, scaled by 0.2, plus the input."""
         return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
 
 
@@ -94,6 +96,7 @@ class RRDBNet(nn.Module, PretrainedMixin):
         return {1: 4, 2: 2}.get(self.config.scale, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float in [0, 1] -> (B, C, scale*H, scale*W), unclamped."""
         u = self.unshuffle_factor
         if u > 1:
             x = F.pixel_unshuffle(x, u)  # (B, C, H, W) -> (B, C*u*u, H/u, W/u)

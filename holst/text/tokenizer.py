@@ -1,4 +1,4 @@
-"""YouTokenToMe-compatible BPE text tokenizer with BPE-dropout (research/reference.md §3).
+r"""YouTokenToMe-compatible BPE text tokenizer with BPE-dropout (research/reference.md §3).
 
 Pure Python: reads and writes YouTokenToMe's ``bpe.model`` and encodes / decodes exactly as
 YouTokenToMe 1.0.6 does on the same file (``BaseEncoder::encode_sentence`` / ``decode``).
@@ -421,7 +421,8 @@ class BPETokenizer:
         Args:
             symbols: the word's initial symbols (not modified).
             keys: its initial candidates ``rank << 32 | position``, sorted (not modified).
-            dropout, rng: skip probability and its random source (0 / None: deterministic).
+            dropout: skip probability (0: deterministic).
+            rng: the random source of the skips (None: deterministic).
             first_skip: when >= 0, pops ``0 .. first_skip - 1`` are taken without a draw and pop
                 ``first_skip`` is skipped (a draw already decided the first skip; see ``_encode``).
 
@@ -664,7 +665,10 @@ class BPETokenizer:
                 when no pair is left to merge.
             coverage: YouTokenToMe's character coverage in (0, 1].
             lowercase: lower-case (and strip) every text first, matching ``encode_batch``.
-            pad_id, unk_id, bos_id, eos_id: special ids (-1 = absent for pad/bos/eos).
+            pad_id: padding id (-1 = absent).
+            unk_id: id of unknown characters.
+            bos_id: begin-of-sentence id (-1 = absent).
+            eos_id: end-of-sentence id (-1 = absent).
             config: stored with the model; its vocab_size and coverage are overridden by the arguments.
             progress: optional callable(n_merges_done, n_merges_wanted).
 

@@ -99,10 +99,12 @@ class SampleBatches:
         self._loader: Iterator[list[Any]] | None = None
 
     def state_dict(self) -> dict[str, int]:
+        """The data position (epoch, batch index) and the sizes it depends on, for a checkpoint."""
         return {"epoch": self.epoch, "batch_index": self.batch_index, "num_samples": self.num_samples,
                 "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at :meth:`state_dict`'s position (a warning when the dataset or global batch changed)."""
         if state.get("num_samples") != self.num_samples:
             log.warning("the dataset changed size since the checkpoint (%s -> %d samples): data order differs",
                         state.get("num_samples"), self.num_samples)

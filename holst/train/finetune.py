@@ -187,8 +187,9 @@ def load_pictures(source: str | Path, size: int, *, caption: str | None = None) 
     """Read a folder of pictures (see the module docstring), centre-cropped to size x size.
 
     Args:
-        source: the folder. size: the model's image side. caption: one caption for every picture
-            (then ``.txt`` files and ``captions.jsonl`` are ignored).
+        source: the folder.
+        size: the model's image side.
+        caption: one caption for every picture (then ``.txt`` files and ``captions.jsonl`` are ignored).
     Raises:
         FinetuneError: no such folder, no pictures, or no readable picture with a caption.
     """
@@ -388,7 +389,8 @@ def finetune(pipe: Any, images: str | Path | Pictures, out: str | Path, *, capti
         images: a folder (see the module docstring) or loaded :class:`Pictures`.
         out: the new pipeline directory (must not exist; sample grids appear in ``out/samples``).
         caption: one caption for all pictures (else the folder's captions).
-        cfg: options; ``overrides`` change single fields, e.g. ``steps=40``.
+        cfg: options (default :class:`FinetuneConfig`).
+        **overrides: change single fields of ``cfg``, e.g. ``steps=40``.
     Returns:
         The fine-tuned Text2ImagePipeline (also saved at ``out``).
     Raises:

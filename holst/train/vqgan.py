@@ -61,8 +61,11 @@ UNSUPPORTED = {"ema_decay": 0.0, "sample_every": 0, "gradient_checkpointing": Fa
 
 
 def data_configs(cfg: VQGANTrainConfig) -> tuple[DataConfig, DataConfig | None]:
-    """(train, held-out) DataConfigs of ``cfg.data``: a built dataset folder's train / test splits,
-    or any image folder (then ``num_val`` seeded images are held out by :func:`split_off`)."""
+    """(train, held-out) DataConfigs of ``cfg.data``.
+
+    A built dataset folder gives its train / test splits; any other image folder has ``num_val``
+    seeded images held out by :func:`split_off`.
+    """
     if not cfg.data:
         raise ConfigError("no training data: set data=<folder> in the config or pass dataset=")
     common = dict(sources=(cfg.data,), image_size=cfg.image_size, seed=cfg.seed, langs=("ru",),

@@ -144,7 +144,8 @@ class VQGAN(nn.Module, PretrainedMixin):
 
         Args:
             images: (B, 3, H, W) in [0, 1].
-            temperature, hard: Gumbel-softmax settings (Gumbel quantizer only).
+            temperature: Gumbel-softmax temperature (Gumbel quantizer only).
+            hard: straight-through one-hot codes (Gumbel quantizer only).
             restart_threshold: dead-code restart threshold (nearest-neighbour quantizers, training mode).
             generator: RNG for Gumbel noise / code restarts.
         Returns:
