@@ -47,18 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """List the benchmarks, or run one and return its exit status (2 for an unknown name)."""
+    """List the benchmarks, or run one and return its exit status (InputError, exit 2, for an unknown name)."""
+    from holst.errors import InputError
+
     folder = Path(args.dir)
     if not folder.is_dir():
-        print(f"holst bench: no benchmark folder {folder} (the scripts ship with the source checkout)",
-              file=sys.stderr)
-        return 2
+        raise InputError(f"no benchmark folder {folder} (the scripts ship with the source checkout)")
     names = list_benchmarks(folder)
     if args.name is None:
         for name, summary in names.items():
             print(f"{name:<12} {summary}")
         return 0
     if args.name not in names:
-        print(f"holst bench: unknown benchmark {args.name!r}; choose from {', '.join(names)}", file=sys.stderr)
-        return 2
+        raise InputError(f"unknown benchmark {args.name!r}; choose from {', '.join(names)}")
     return subprocess.run([sys.executable, str(folder / f"{args.name}.py"), *args.args], check=False).returncode

@@ -3,7 +3,12 @@
 Each leaf command lives in the module that owns the work and exposes two functions:
 ``add_arguments(parser: argparse.ArgumentParser) -> None`` and ``main(args: argparse.Namespace) -> int``.
 Only the module of the command being run is imported, so ``holst --help`` stays fast and one
-stage's optional dependencies never break another's command.
+stage's optional dependencies never break another's command. Flags shared by several commands are
+derived from the config dataclasses by :mod:`holst.cli_common`.
+
+One error style: a mistake the user can fix (a :class:`holst.errors.HolstError`, an ``OSError``
+such as a missing file, a bad flag, ``SystemExit("message")``) ends the command with one line
+``holst <command>: error: <message>`` on stderr and exit status 2; only a bug prints a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 # (group, command) -> (module, one-line help). group None = top-level command.
 COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
@@ -28,7 +35,7 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
     ("convert", "realesrgan"): ("holst.convert.realesrgan", "Real-ESRGAN .pth or ncnn -> holst"),
     ("prepare", "filter"): ("holst.data.filter_cli", "filter image-caption pairs"),
     ("prepare", "codes"): ("holst.data.prepare", "encode a dataset into VQGAN code shards"),
-    ("prepare", "pipeline"): ("holst.hub", "assemble a pipeline directory from trained components"),
+    ("prepare", "pipeline"): ("holst.assemble_cli", "assemble a pipeline directory from trained components"),
     ("data", "emoji"): ("holst.data.emoji", "build the emoji dataset from npm packages"),
     ("data", "tuxpaint"): ("holst.data.tuxpaint", "build the Tux Paint dataset from Debian packages"),
     ("data", "shapes"): ("holst.data.shapes", "render the synthetic shapes dataset"),
@@ -50,11 +57,19 @@ GROUP_HELP = {
 }
 
 
+class HolstArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``<prog>: error: <message> (see --help)`` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _top_parser() -> argparse.ArgumentParser:
     lines = []
     for (group, name), (_, text) in COMMANDS.items():
         lines.append(f"  {(group + ' ' if group else '') + name:<20} {text}")
-    return argparse.ArgumentParser(
+    return HolstArgumentParser(
         prog="holst",
         description="holst: ruDALL-E text-to-image.\n\ncommands:\n" + "\n".join(lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,22 +103,80 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown command {argv[0]!r}")
         parser.print_help()
         return 0 if argv else 2
+    module, args = parse_command(key, rest)
+    setup_cli_logging()
+    return run_command(args.prog, module.main, args)
+
+
+def parse_command(key: tuple[str | None, str], rest: list[str]) -> tuple[Any, argparse.Namespace]:
+    """Import the command's module and parse its flags (a bad flag: one line and SystemExit(2)).
+
+    Args:
+        key: (group, name) of :data:`COMMANDS`, e.g. (None, 'generate') or ('eval', 'pipeline').
+        rest: the arguments after the command's name.
+    Returns:
+        (module, args) with ``args.command`` (the name) and ``args.prog`` (e.g. 'holst eval pipeline') set.
+    """
     module_name, text = COMMANDS[key]
     group, name = key
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"holst {(group + ' ') if group else ''}{name}", description=text)
+    prog = f"holst {(group + ' ') if group else ''}{name}"
+    parser = HolstArgumentParser(prog=prog, description=text)
     if getattr(module, "add_arguments_for", None) is not None:
         module.add_arguments_for(name, parser)
     else:
         module.add_arguments(parser)
     args = parser.parse_args(rest)
-    args.command = name
-    setup_cli_logging()
+    args.command, args.prog = name, prog
+    return module, args
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's to fix (one line, exit 2), not bugs (traceback)."""
+    from holst.config import ConfigError
+    from holst.errors import HolstError
+    from holst.utils.persist import CheckpointError
+
+    return (HolstError, ConfigError, CheckpointError, OSError)
+
+
+def run_command(prog: str, fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command's ``main(args)``; a user error becomes one stderr line and 2, Ctrl-C 130.
+
+    Args:
+        prog: e.g. 'holst generate', the start of the error line.
+        fn: the command's ``main``.
+        args: its parsed flags.
+    Returns:
+        The command's exit status.
+    """
     try:
-        return int(module.main(args) or 0)
+        return int(fn(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if isinstance(e.code, str):  # SystemExit("message") ends a command with 1 and the message: make it ours
+            message = one_line(e.code).removeprefix(f"{prog}: ").removeprefix("error: ")
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return 2
+        raise
+    except user_errors() as e:
+        print(f"{prog}: error: {one_line(describe(e))}", file=sys.stderr)
+        return 2
+
+
+def describe(error: BaseException) -> str:
+    """The message of a user error; an OSError names its file (``[Errno 2] ...: 'x'`` -> ``x: No such ...``)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}{error.strerror}"
+    return str(error) or type(error).__name__
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks (e.g. torch's multi-line pickle refusals) folded into one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

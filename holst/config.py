@@ -165,9 +165,6 @@ class ConfigBase:
 # --------------------------------------------------------------------------------------------
 
 PIPELINE_COMPONENTS = ("tokenizer", "vqgan", "dalle", "clip", "superres")
-# The holst.sampling.SamplingSettings fields pipeline.json holds defaults for (all but the per-call seed).
-SAMPLING_DEFAULTS = ("num_images", "top_k", "top_p", "temperature", "guidance_scale", "rerank", "upscale",
-                     "batch_size")
 REQUIRED_COMPONENTS = ("tokenizer", "vqgan", "dalle")
 
 
@@ -209,13 +206,14 @@ class PipelineConfig(ConfigBase):
         from holst.sampling import SamplingSettings  # here, not at the top: sampling imports the models
 
         settings = SamplingSettings(**self.sampling_defaults())  # one set of ranges for every entry point
-        for name, value in settings.to_dict().items():
-            if name in SAMPLING_DEFAULTS:
-                setattr(self, name, value)  # normalised, e.g. top_p=1 -> 1.0
+        for name in self.sampling_defaults():
+            setattr(self, name, getattr(settings, name))  # normalised, e.g. top_p=1 -> 1.0
 
     def sampling_defaults(self) -> dict[str, Any]:
-        """The sampling settings stored here: {name: value} for every name in :data:`SAMPLING_DEFAULTS`."""
-        return {name: getattr(self, name) for name in SAMPLING_DEFAULTS}
+        """The sampling settings stored here: {name: value} for ``holst.sampling.PIPELINE_SETTINGS``."""
+        from holst.sampling import PIPELINE_SETTINGS
+
+        return {name: getattr(self, name) for name in PIPELINE_SETTINGS}
 
 
 @dataclasses.dataclass

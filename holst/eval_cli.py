@@ -8,7 +8,10 @@ holst eval shapes   --model models/shapes  --out eval/                         #
 holst eval recognise --model models/default --data data/default --out eval/ -n 4   # kNN recognisability
 ```
 ``--model`` is a pipeline directory (its ``vqgan/``, ``dalle/``, ``tokenizer/`` are used) or, for
-vqgan/dalle, a component directory; ``random:tiny`` / ``random:emoji`` is an untrained pipeline (smoke tests).
+vqgan/dalle, a component directory; ``random:tiny`` / ``random:emoji`` is an untrained pipeline (smoke tests),
+loaded by :func:`holst.cli_common.load_pipeline` as in every command. The sampling flags (``--top-k``,
+``--top-p``, ``--temperature``, ``--guidance-scale``, ``--sample-batch-size``) are the
+:class:`holst.sampling.SamplingSettings` fields, with its ranges.
 """
 
 from __future__ import annotations
@@ -19,10 +22,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from holst.cli_common import add_runtime_arguments, add_sampling_arguments, check_sampling_flags, given_values
+from holst.cli_common import load_pipeline as _load_pipeline
 from holst.config import ConfigError, EvalConfig
-from holst.utils.runtime import get_logger, resolve_device, resolve_dtype
+from holst.utils.runtime import get_logger, resolve_device, resolve_dtype, set_threads
 
 log = get_logger("holst.eval")
+
+
+# The SamplingSettings an eval report lets the user set (num_images, seeds and ranking are the report's own).
+EVAL_SAMPLING = ("top_k", "top_p", "temperature", "guidance_scale", "batch_size")
 
 
 def _common(parser: argparse.ArgumentParser, name: str) -> None:
@@ -32,12 +41,10 @@ def _common(parser: argparse.ArgumentParser, name: str) -> None:
                              + (", or the component's own directory" if name in ("vqgan", "dalle") else "")
                              + "; random:tiny|random:emoji = an untrained pipeline")
     parser.add_argument("--out", required=True, help="report folder (created); files <command>.json/.md/_*.png")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
-    parser.add_argument("--dtype", default="fp32", help="transformer/CLIP dtype: fp32, bf16, fp16, auto (default fp32)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+    add_runtime_arguments(parser, device="cpu", dtype="fp32")  # reports compare like with like: CPU fp32 by default
+    parser.add_argument("--batch-size", dest="eval_batch_size", type=int, default=d.batch_size,
                         help=f"images per forward (default {d.batch_size})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds caption choice, sampling and distractors")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     if name not in ("shapes", "recognise"):
         parser.add_argument("--split", default=d.split, help="held-out split: test, test_concept, test_style "
                                                              f"(default {d.split})")
@@ -56,11 +63,7 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", "-n", type=int, default=d.num_images,
                         help=f"images per caption (default {d.num_images})")
     parser.add_argument("--lang", default=d.lang, choices=("ru", "en"), help="caption language (default ru)")
-    parser.add_argument("--top-k", type=int, default=None, help="default: the model's")
-    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--sample-batch-size", type=int, default=None, help="images sampled at once (default: model's)")
+    add_sampling_arguments(parser, EVAL_SAMPLING, flags={"batch_size": ["--sample-batch-size"]})
     parser.add_argument("--grid-rows", type=int, default=EvalConfig().grid_rows, help="captions shown in the grid")
 
 
@@ -120,23 +123,14 @@ def _config(args: argparse.Namespace) -> EvalConfig:
                       num_images=getattr(args, "num_images", d.num_images),
                       candidates=getattr(args, "candidates", d.candidates), fd=not getattr(args, "no_fd", False),
                       fd_resolution=getattr(args, "fd_resolution", d.fd_resolution),
-                      limit=getattr(args, "limit", d.limit), batch_size=args.batch_size,
+                      limit=getattr(args, "limit", d.limit), batch_size=args.eval_batch_size,
                       grid_rows=getattr(args, "grid_rows", d.grid_rows), seed=args.seed)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
-            "guidance_scale": args.guidance_scale, "batch_size": args.sample_batch_size}
-
-
-def _load_pipeline(model: str, device: str, dtype: str) -> Any:
-    from holst.pipeline import Text2ImagePipeline
-
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if model.startswith("random:"):
-        return Text2ImagePipeline.from_random(model.split(":", 1)[1], seed=0).to(dev, dt)
-    return Text2ImagePipeline.from_pretrained(model, device=dev, dtype=dt)
+    """The sampling flags given (checked on their SamplingSettings ranges); the rest come from pipeline.json."""
+    check_sampling_flags(args, EVAL_SAMPLING)
+    return given_values(args, EVAL_SAMPLING)
 
 
 def _load_tokenizer(path: str | Path) -> Any:
@@ -184,7 +178,7 @@ def _recognise(args: argparse.Namespace) -> dict:
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     net = EffLite0Features(args.fd_resolution).eval().to(pipe.device)
     if args.data is not None:
-        reference = load_reference(args.data, net, size=pipe.image_size, batch_size=args.batch_size,
+        reference = load_reference(args.data, net, size=pipe.image_size, batch_size=args.eval_batch_size,
                                    cache_dir=args.cache_dir)
         if args.save_reference:
             reference.compact(args.reference_dim).save(args.save_reference)
@@ -193,7 +187,7 @@ def _recognise(args: argparse.Namespace) -> dict:
         reference = RealReference.load(args.reference)
     report = eval_recognise(pipe, reference, args.out, net, num_captions=args.num_captions,
                             num_images=args.num_images, seed=args.seed, lang=args.lang, k=args.neighbours,
-                            grid_rows=args.grid_rows, batch_size=args.batch_size)
+                            grid_rows=args.grid_rows, batch_size=args.eval_batch_size)
     for group in ("train", "heldout"):
         for key in ("hit_rate", "chance", "ceiling"):
             report[f"{group}_{key}"] = (report.get(group) or {}).get(key)
@@ -205,10 +199,7 @@ def main(args: argparse.Namespace) -> int:
     from holst.eval import reports
     from holst.utils.persist import CheckpointError
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         cfg = _config(args)
         if args.command == "vqgan":
@@ -239,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"unknown eval command {args.command!r}")
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"holst eval {args.command}: {e}", file=sys.stderr)
+        print(f"holst eval {args.command}: error: {e}", file=sys.stderr)
         return 2
     summary = {k: report.get(k) for k in keys}
     print(json.dumps({"report": str(Path(args.out) / f"{args.command}.json"), **reports._json_safe(summary)},

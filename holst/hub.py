@@ -1,4 +1,4 @@
-"""Pipeline directories: one sub-folder per component plus ``pipeline.json`` (INTERFACES.md).
+"""Pipeline directories: one sub-folder per component plus ``pipeline.json``, laid out as below.
 
 ```
 models/default/
@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from holst.config import ConfigError, PipelineConfig
+from holst.rerank.ranker import CLIP_TOKENIZER_DIR, ClipRanker
 from holst.utils.persist import WEIGHTS_NAME, CheckpointError, atomic_write_bytes
 from holst.utils.runtime import get_logger
 
 logger = get_logger("holst.hub")
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
-CLIP_TOKENIZER_DIR = "tokenizer"  # inside clip/
 OPTIONAL_COMPONENTS = ("superres",)  # may be absent although listed (converted at set-up, not committed)
 
 
@@ -106,8 +106,7 @@ def save_pipeline(directory: str | Path, components: PipelineComponents, config:
     components.vqgan.save_pretrained(directory / "vqgan")
     components.dalle.save_pretrained(directory / "dalle", dtype=dtype)
     if components.clip is not None:
-        components.clip.save_pretrained(directory / "clip", dtype=dtype)
-        components.clip_tokenizer.save_pretrained(directory / "clip" / CLIP_TOKENIZER_DIR)
+        ClipRanker(components.clip, components.clip_tokenizer).save_pretrained(directory / "clip", dtype=dtype)
     if components.superres is not None:
         components.superres.save_pretrained(directory / "superres")
     atomic_write_bytes(directory / "README.md", model_card(config, components).encode("utf-8"))
@@ -144,10 +143,8 @@ def load_pipeline(directory: str | Path, *, device: str | torch.device = "cpu",
         dalle=DalleModel.from_pretrained(directory / "dalle", device=device, dtype=dtype),
     )
     if "clip" in config.components:
-        from holst.rerank.clip import CLIPModel
-
-        parts.clip = CLIPModel.from_pretrained(directory / "clip", device=device, dtype=dtype)
-        parts.clip_tokenizer = BPETokenizer.from_pretrained(directory / "clip" / CLIP_TOKENIZER_DIR)
+        ranker = ClipRanker.from_pretrained(directory / "clip", device=device, dtype=dtype)
+        parts.clip, parts.clip_tokenizer = ranker.model, ranker.tokenizer
     # The super-resolution weights of the shipped model are converted by setup.sh (not committed):
     # load them whenever they are there; when pipeline.json lists them but they are missing, upscaling
     # falls back to Lanczos and says so.
@@ -336,42 +333,3 @@ def assemble_pipeline(out: str | Path, *, tokenizer: str | Path, vqgan: str | Pa
         parts.superres = RRDBNet.from_pretrained(superres)
     save_pipeline(out, parts, config or PipelineConfig(), dtype=dtype)
     return parts
-
-
-def add_arguments(parser: Any) -> None:
-    """Options of ``holst prepare pipeline``."""
-    d = PipelineConfig()
-    parser.add_argument("--out", required=True, help="pipeline directory to write, e.g. models/default")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or bpe.model file")
-    parser.add_argument("--vqgan", required=True, help="VQGAN directory (holst train vqgan's <out_dir>/final)")
-    parser.add_argument("--dalle", required=True, help="transformer directory (holst train dalle's <out_dir>/final)")
-    parser.add_argument("--clip", default=None, help="CLIP directory (holst train clip's <out_dir>/final)")
-    parser.add_argument("--clip-tokenizer", default=None, help="default: <clip>/tokenizer")
-    parser.add_argument("--superres", default=None, help="RRDBNet directory (e.g. models/default/superres)")
-    parser.add_argument("--dtype", default=None, help="save the transformer and CLIP as fp16/bf16 (default: as is)")
-    for name, kind in (("num_images", int), ("top_k", int), ("top_p", float), ("temperature", float),
-                       ("guidance_scale", float), ("rerank", int), ("upscale", int), ("batch_size", int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                            help=f"sampling default stored in pipeline.json (default {getattr(d, name)})")
-    for name in ("name", "description", "language", "license", "training_data"):
-        parser.add_argument("--" + name.replace("_", "-"), default=None, help="model card field")
-
-
-def main(args: Any) -> int:
-    """Run ``holst prepare pipeline``; 0 on success, 2 when a component is missing or does not fit."""
-    from holst.utils.runtime import get_logger, resolve_dtype
-
-    log = get_logger("holst.hub")
-    fields = ("num_images", "top_k", "top_p", "temperature", "guidance_scale", "rerank", "upscale", "batch_size",
-              "name", "description", "language", "license", "training_data")
-    try:
-        config = PipelineConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-        dtype = resolve_dtype(args.dtype) if args.dtype else None
-        parts = assemble_pipeline(args.out, tokenizer=args.tokenizer, vqgan=args.vqgan, dalle=args.dalle,
-                                  clip=args.clip, clip_tokenizer=args.clip_tokenizer, superres=args.superres,
-                                  config=config, dtype=dtype)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        log.error("%s", e)
-        return 2
-    print(f"pipeline written to {args.out} (components: {', '.join(parts.names())})")
-    return 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from holst.config import PipelineConfig
-from holst.errors import InputError
+from holst.errors import ConfigError, InputError
 from holst.hub import PipelineComponents, load_pipeline, save_pipeline
 from holst.sampling import MAX_SEED, SamplingSettings, make_seeds
 from holst.utils.images import pil_to_tensor, tensor_to_pil
@@ -191,7 +191,7 @@ class Text2ImagePipeline:
     def enable_cuda_graph(self) -> Text2ImagePipeline:
         """Sample with a static KV cache and replay the decode step as a CUDA graph (CUDA only). Returns self."""
         if self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device; it is on {self.device}")
+            raise ConfigError(f"CUDA graphs need the pipeline on a CUDA device; it is on {self.device}")
         self.sampler_options.update(static_cache=True, cuda_graph=True)
         return self
 
@@ -278,7 +278,7 @@ class Text2ImagePipeline:
         """A PIL image / (3, H, W) tensor + mask -> ``ImagePrompt`` (codes (N,), mask (N,)); others pass through."""
         if image_prompt is None:
             if mask is not None:
-                raise ValueError("image_prompt_mask was given without an image_prompt")
+                raise InputError("image_prompt_mask was given without an image_prompt")
             return None
         from holst.sampling import ImagePrompt
 
@@ -292,14 +292,14 @@ class Text2ImagePipeline:
             image = F.interpolate(image_prompt[None].float(), size=(self.image_size, self.image_size),
                                   mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
         else:
-            raise ValueError("image_prompt must be a PIL image, a (3, H, W) tensor in [0, 1] or an ImagePrompt")
+            raise InputError("image_prompt must be a PIL image, a (3, H, W) tensor in [0, 1] or an ImagePrompt")
         codes = self.vqgan.encode(image[None].to(self.device)).reshape(-1)  # (1, D, D) -> (N,)
         if mask is None:
             mask = torch.zeros(D, D, dtype=torch.bool)
             mask[: D // 2] = True  # keep the top half, sample the rest (ruDALL-E's border prompt)
         mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
         if mask.numel() != D * D:
-            raise ValueError(f"image_prompt_mask has {mask.numel()} entries; the model has {D}x{D} = {D * D} codes")
+            raise InputError(f"image_prompt_mask has {mask.numel()} entries; the model has {D}x{D} = {D * D} codes")
         return ImagePrompt(codes=codes, mask=mask.to(self.device))
 
     def sample_codes(self, text_ids: torch.Tensor, seeds: list[int], settings: SamplingSettings, *,
@@ -387,7 +387,7 @@ class Text2ImagePipeline:
         """CLIP scores of any images (PIL list or (B, 3, H, W) in [0, 1]) against a caption, e.g. to compare
         generated images with their own and with shuffled captions. Raises ValueError without CLIP."""
         if self.clip is None:
-            raise ValueError("this pipeline has no CLIP component (pipeline.json 'components' lacks 'clip')")
+            raise InputError("this pipeline has no CLIP component (pipeline.json 'components' lacks 'clip')")
         if not isinstance(images, torch.Tensor):
             images = torch.stack([pil_to_tensor(im) for im in images])
         return self.clip_scores(images.to(self.device).float(), prompt).tolist()

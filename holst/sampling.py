@@ -177,6 +177,10 @@ def setting_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
+# The settings pipeline.json holds defaults for (holst.config.PipelineConfig): all but the per-call seed.
+PIPELINE_SETTINGS = tuple(name for name in setting_names() if name != "seed")
+
+
 def setting_limit(name: str) -> Limit:
     """The :class:`Limit` of one setting (KeyError for an unknown name)."""
     return {f.name: f.metadata["limit"] for f in dataclasses.fields(SamplingSettings)}[name]

@@ -2,7 +2,7 @@
 
 Everything runs on CPU with the 'tiny' preset. Subprocess tests (SIGKILL, torchrun) share one
 worker script written into tmp_path; data and tokenizer are tiny in-memory stand-ins that
-implement the interfaces the trainer uses (INTERFACES.md), so these tests depend on no data files.
+implement what holst/train/dalle.py calls on them, so these tests depend on no data files.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from holst.cli_common import add_runtime_arguments
 from holst.data.filters import FilterOptions, clip_scorer, filter_pairs, filter_shards
 from holst.data.images import BadSample, DataReport, decode_caption
 from holst.data.loaders import IMAGE_EXTS, is_shard_source, read_table
@@ -59,22 +60,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="perceptual-hash Hamming distance counted as a near duplicate (-1: off)")
     parser.add_argument("--clip", default=None, help="CLIP directory (config.json, model.safetensors, tokenizer/)")
     parser.add_argument("--min-clip-score", type=float, default=None, help="drop pairs scoring below this")
-    parser.add_argument("--device", default="cpu")
+    add_runtime_arguments(parser, device="cpu", dtype_flag=False)
     parser.add_argument("--samples-per-shard", type=int, default=10000, help="output shard size (tar input)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``holst prepare filter``: write the kept rows (or filtered shards) and a report; prints its summary."""
+    from holst.errors import ConfigError
+    from holst.utils.runtime import resolve_device, set_threads
+
     source, out = Path(args.input), Path(args.out)
+    if args.clip and args.min_clip_score is None:  # before the CLIP model is loaded
+        raise ConfigError("--clip needs --min-clip-score (the score below which pairs are dropped)")
+    set_threads(args.threads)
     options = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
                             min_side=args.min_side, max_aspect=args.max_aspect, exact_dedup=not args.no_exact_dedup,
                             near_dup_distance=None if args.near_dup_distance < 0 else args.near_dup_distance,
                             min_clip_score=args.min_clip_score)
     scorer = None
     if args.clip:
-        scorer = clip_scorer(args.clip, args.device)
-        if options.min_clip_score is None:
-            raise SystemExit("--clip needs --min-clip-score (the score below which pairs are dropped)")
+        scorer = clip_scorer(args.clip, str(resolve_device(args.device)))
     if is_shard_source(args.input):
         report = filter_shards([args.input], out, options=options, scorer=scorer,
                                samples_per_shard=args.samples_per_shard)

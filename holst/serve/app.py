@@ -27,6 +27,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -541,12 +542,16 @@ SPEC_ENV = "HOLST_SERVE_SPEC"
 
 def app_from_env() -> FastAPI:
     """App factory of a ``--workers`` process: loads the pipeline named in ``$HOLST_SERVE_SPEC``."""
-    from holst.generate_cli import load_pipeline_for_cli, set_threads
+    from holst.cli_common import load_pipeline
+    from holst.errors import HolstError
+    from holst.utils.runtime import set_threads
 
     spec = json.loads(os.environ[SPEC_ENV])
     config = ServeConfig(**spec["config"])
-    set_threads(spec["threads"])
-    pipe = load_pipeline_for_cli(spec["model"], config.device, config.dtype, cuda_graph=spec["cuda_graph"])
-    if pipe is None:
-        raise SystemExit(2)
+    try:
+        set_threads(spec["threads"])
+        pipe = load_pipeline(spec["model"], config.device, config.dtype, cuda_graph=spec["cuda_graph"])
+    except HolstError as e:
+        print(f"holst serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return create_app(pipe, config)

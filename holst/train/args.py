@@ -19,6 +19,7 @@ import yaml
 
 from holst.config import ConfigBase, ConfigError
 from holst.utils.persist import CheckpointError
+from holst.utils.runtime import set_threads  # the one for every command (0 = torch's choice)
 
 C = TypeVar("C", bound=ConfigBase)
 
@@ -97,14 +98,6 @@ def load_train_config(cls: type[C], path: str | Path | None, overrides: list[str
         return cls.from_dict(data)
     except TypeError as e:  # e.g. a list where a number is expected
         raise ConfigError(f"{cls.__name__}: {e}") from e
-
-
-def set_threads(num_threads: int) -> None:
-    """Set PyTorch's intra-op CPU threads; called by train entry points only (never at import)."""
-    import torch
-
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
 
 
 # Errors a user can fix from the command line: printed as one line, no traceback.

@@ -457,10 +457,6 @@ class Engine:
         return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     # ------------------------------------------------------------------ stopping
-    def request_stop(self) -> None:
-        """Ask the loop to stop at the next :meth:`should_stop` (what SIGTERM does)."""
-        self._stop_requested = True
-
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGUSR1 reached any rank (collective: all-reduced when distributed)."""
         if not self.distributed:

@@ -54,8 +54,15 @@ def load_state_dict_file(path: str | Path, *, mmap: bool = True) -> dict[str, An
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} could not be loaded safely (weights_only=True refuses code objects; "
-            f"the file may be corrupt or not a PyTorch checkpoint): {type(e).__name__}: {e}"
+            f"the file may be corrupt or not a PyTorch checkpoint): {type(e).__name__}: {_reason(e)}"
         ) from e
+
+
+def _reason(error: Exception) -> str:
+    """The line of torch's multi-line load error that says what was refused ('unsupported GLOBAL posix.system')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [""])[0]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

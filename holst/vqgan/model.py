@@ -28,7 +28,7 @@ def _ddconfig(config: VQGANConfig) -> dict:
 class VQGAN(nn.Module, PretrainedMixin):
     """Encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder.
 
-    Public API (INTERFACES.md): ``encode(images) -> codes_grid``, ``decode(codes_grid) -> images``,
+    Public API (what the pipeline and trainers use): ``encode(images) -> codes_grid``, ``decode(codes_grid) -> images``,
     ``downsample_factor``, ``config.n_embed``. ``forward`` is the differentiable training path.
     """
 
