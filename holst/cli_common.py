@@ -1,5 +1,7 @@
-"""What every ``holst`` command shares: flags derived from config dataclasses, the runtime flags,
-the one pipeline loader and the output-folder check.
+"""What every ``holst`` command shares.
+
+Flags derived from config dataclasses, the runtime flags, the one pipeline loader and the
+output-folder check.
 
 Flags come from dataclass fields: ``--top-k`` is the field ``top_k``, its type the field's, its help
 the field's ``metadata["help"]`` (for :class:`holst.sampling.SamplingSettings` also its range). The
@@ -111,8 +113,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, names: tuple[str, ..
 
 
 def check_sampling_flags(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> None:
-    """Check each sampling flag given on its own range before anything is loaded (ConfigError naming it);
-    the checks that need the model's defaults (rerank <= num_images) run in :func:`sampling_settings`."""
+    """Check each sampling flag given on its own range before anything is loaded (ConfigError naming it).
+
+    The checks that need the model's defaults (rerank <= num_images) run in :func:`sampling_settings`.
+    """
     from holst.sampling import check_setting, setting_names
 
     for name, value in given_values(args, names or setting_names()).items():
@@ -141,7 +145,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, device: str | None
 
     Args:
         parser: the command's parser.
-        device, dtype: their defaults (None: the command's config decides, e.g. ServeConfig.device).
+        device: the ``--device`` default (None: the command's config decides, e.g. ServeConfig.device).
+        dtype: the ``--dtype`` default (None: the command's config decides).
         dtype_flag: False for commands whose models always run in float32.
     """
     parser.add_argument("--device", default=device, help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps"

@@ -222,7 +222,8 @@ def build_random_components(preset: str = "tiny", *, seed: int = 0, clip: bool =
     Args:
         preset: a key of :data:`RANDOM_PRESETS`.
         seed: seeds a local torch.Generator for the weights (global RNGs are left alone).
-        clip, superres: include a random CLIP ranker / a 2x super-resolution net.
+        clip: include a random CLIP ranker.
+        superres: include a random 2x super-resolution net.
     Returns:
         (components, config); the config's sampling defaults suit the tiny vocabularies.
     """
@@ -304,8 +305,10 @@ def assemble_pipeline(out: str | Path, *, tokenizer: str | Path, vqgan: str | Pa
         out: the pipeline directory (e.g. models/default); may already hold some components
             (e.g. ``superres/`` from setup.sh): each is read fully before it is rewritten.
         tokenizer: a tokenizer directory (bpe.model) or a ``.model`` file.
-        vqgan, dalle: ``save_pretrained`` directories (the trainers' ``<out_dir>/final``).
-        clip: a CLIP directory; its tokenizer is ``clip_tokenizer`` or ``<clip>/tokenizer``.
+        vqgan: a VQGAN ``save_pretrained`` directory (``holst train vqgan``'s ``<out_dir>/final``).
+        dalle: a transformer ``save_pretrained`` directory (``holst train dalle``'s ``<out_dir>/final``).
+        clip: a CLIP directory.
+        clip_tokenizer: the CLIP's tokenizer (default ``<clip>/tokenizer``).
         superres: an RRDBNet directory.
         config: sampling defaults and model card (default PipelineConfig()).
         dtype: cast the transformer and CLIP weights when saving (None keeps them).

@@ -126,7 +126,8 @@ class Text2ImagePipeline:
         Args:
             preset: 'tiny' (4x4 codes, 16 px images: unit tests) or 'emoji' (8x8 codes, the default model's shape).
             seed: weights and tokenizer are a pure function of it.
-            clip, superres: include a random CLIP ranker / 2x super-resolution net.
+            clip: include a random CLIP ranker.
+            superres: include a random 2x super-resolution net.
         """
         from holst.hub import build_random_components
 
@@ -138,30 +139,37 @@ class Text2ImagePipeline:
     # ------------------------------------------------------------------ components and placement
     @property
     def tokenizer(self) -> Any:
+        """The transformer's text tokenizer."""
         return self.components.tokenizer
 
     @property
     def vqgan(self) -> Any:
+        """The image tokenizer (codes <-> images)."""
         return self.components.vqgan
 
     @property
     def dalle(self) -> Any:
+        """The transformer that samples image codes."""
         return self.components.dalle
 
     @property
     def clip(self) -> Any | None:
+        """The CLIP that ranks images, or None."""
         return self.components.clip
 
     @property
     def superres(self) -> Any | None:
+        """The super-resolution net, or None (upscaling then uses Lanczos)."""
         return self.components.superres
 
     @property
     def device(self) -> torch.device:
+        """Device of the transformer's weights."""
         return next(self.dalle.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Floating dtype of the transformer's weights."""
         return next(self.dalle.parameters()).dtype
 
     @property
@@ -207,12 +215,15 @@ class Text2ImagePipeline:
         Args:
             prompt: the caption (non-empty; longer than the model reads: truncated with a warning).
             num_images: how many images to sample (default: pipeline.json).
-            top_k: keep the k most likely codes per step (0 = off). top_p: nucleus mass (1.0 = off).
-            temperature: > 0. guidance_scale: classifier-free guidance weight (None or 1.0 = off).
+            top_k: keep the k most likely codes per step (0 = off).
+            top_p: nucleus mass (1.0 = off).
+            temperature: > 0.
+            guidance_scale: classifier-free guidance weight (None or 1.0 = off).
             image_prompt: a PIL image (its top half is kept, or ``image_prompt_mask``), or a
                 ``holst.sampling.ImagePrompt``: the given codes are kept, the rest is sampled.
             image_prompt_mask: bool (D, D) or (N,): True where the image prompt's codes are kept.
-            seed: image i uses seed + i. generator: draws the per-image seeds instead. Neither: random seeds.
+            seed: image i uses seed + i (neither seed nor generator: random seeds).
+            generator: draws the per-image seeds instead.
             rerank: keep only the best k images (0 = keep all; all are still sorted best first).
                 Ranked by CLIP score when the pipeline has CLIP, else by perplexity.
             upscale: 1 = none; the super-resolution net's scale uses it, other factors use Lanczos.
@@ -384,8 +395,11 @@ class Text2ImagePipeline:
 
     @torch.inference_mode()
     def score_images(self, images: list[Image.Image] | torch.Tensor, prompt: str) -> list[float]:
-        """CLIP scores of any images (PIL list or (B, 3, H, W) in [0, 1]) against a caption, e.g. to compare
-        generated images with their own and with shuffled captions. Raises ValueError without CLIP."""
+        """CLIP scores of any images (PIL list or (B, 3, H, W) in [0, 1]) against a caption.
+
+        E.g. to compare generated images with their own and with shuffled captions. Raises ValueError
+        without CLIP.
+        """
         if self.clip is None:
             raise InputError("this pipeline has no CLIP component (pipeline.json 'components' lacks 'clip')")
         if not isinstance(images, torch.Tensor):
@@ -411,7 +425,10 @@ class Text2ImagePipeline:
         """Decode, score, rank (best first, keep ``rerank``), upscale; the end of :meth:`__call__`.
 
         Args:
-            prompt: the caption; codes: (B, N); seeds: B ints.
+            prompt: the caption.
+            codes: (B, N) sampled image codes.
+            seeds: the B images' seeds.
+            settings: the resolved sampling settings (rerank, upscale, ...).
             perplexities: (B,) from :meth:`sample_codes` (None: computed with one forward).
         """
         images = self.decode(codes)  # (B, 3, H, W)

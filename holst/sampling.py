@@ -144,8 +144,11 @@ class SamplingSettings:
 
     @classmethod
     def resolve(cls, defaults: Any = None, **given: Any) -> SamplingSettings:
-        """Settings from ``given`` where not None, else from ``defaults`` (an object with the same
-        attribute names, e.g. a PipelineConfig), else the field defaults; unknown names raise ConfigError."""
+        """Settings from ``given`` where not None, else from ``defaults``, else the field defaults.
+
+        ``defaults`` is an object with the same attribute names, e.g. a PipelineConfig; unknown names
+        raise ConfigError.
+        """
         unknown = sorted(set(given) - set(setting_names()))
         if unknown:
             raise ConfigError(f"unknown sampling setting(s) {unknown}; known: {list(setting_names())}")
@@ -203,7 +206,8 @@ def make_seeds(n: int, *, seed: int | None = None, generator: torch.Generator | 
     """Per-image seeds: seed + i; else drawn from ``generator``; else from the OS's randomness.
 
     Args:
-        n: number of images (>= 1). seed: in [0, 2**63 - n] (:data:`MAX_SEED`).
+        n: number of images (>= 1).
+        seed: in [0, 2**63 - n] (:data:`MAX_SEED`).
         generator: draws the seeds in [0, 2**31) (:func:`draw_seeds`) when no seed is given.
     Returns:
         n ints; ConfigError when the seed is out of range or both seed and generator are given.
@@ -252,8 +256,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + s * (cond - uncond), written as cond + (s - 1) * (cond - uncond)
-    so that s = 1 returns ``cond`` bit for bit. cond, uncond: (..., V) -> (..., V)."""
+    """Classifier-free guidance: uncond + s * (cond - uncond).
+
+    Written as cond + (s - 1) * (cond - uncond) so that s = 1 returns ``cond`` bit for bit.
+    cond, uncond: (..., V) -> (..., V).
+    """
     return cond + (scale - 1.0) * (cond - uncond)
 
 
@@ -330,8 +337,11 @@ def draw_seeds(n: int, generator: torch.Generator | None = None) -> list[int]:
 
 def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor, *, top_k: int, top_p: float,
                   temperature: float = 1.0, vocab_salt: torch.Tensor | None = None) -> torch.Tensor:
-    """One sampling step as the reference does it: logits / temperature, top-k/top-p filter, then a
-    categorical draw (here by Gumbel-max with per-image counter noise). logits (B, V) -> (B,) long."""
+    """One sampling step as the reference does it: logits (B, V) -> (B,) long codes.
+
+    logits / temperature, top-k/top-p filter, then a categorical draw (here by Gumbel-max with
+    per-image counter noise).
+    """
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     noise = counter_gumbel(keys, step, logits.shape[-1], vocab_salt)
     return (logits + noise).argmax(dim=-1)
@@ -340,8 +350,9 @@ def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Te
 def sample_tokens_topk(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor, *, top_k: int,
                        top_p: float, temperature: float = 1.0, vocab_salt: torch.Tensor | None = None
                        ) -> torch.Tensor:
-    """:func:`sample_tokens` without the full sort or the scatter: the same kept set, found from
-    ``topk`` values and comparisons, and the same draw.
+    """:func:`sample_tokens` without the full sort or the scatter: the same kept set and the same draw.
+
+    The kept set is found from ``topk`` values and comparisons.
 
     :func:`filter_logits` sorts; its kept set is always a prefix of the descending order: every
     logit >= the k-th largest (top-k keeps ties), cut where the cumulative probability crosses
@@ -352,8 +363,13 @@ def sample_tokens_topk(logits: torch.Tensor, keys: torch.Tensor, step: int | tor
     ones do).
 
     Args:
-        logits: (B, V); keys: (B,) :func:`seed_keys`; step: image token index (int or 0-dim tensor).
-        top_k, top_p, temperature: as :func:`sample_tokens`; vocab_salt: (V,) :func:`vocab_salt_table`.
+        logits: (B, V).
+        keys: (B,) :func:`seed_keys`.
+        step: image token index (int or 0-dim tensor).
+        top_k: as :func:`sample_tokens`.
+        top_p: as :func:`sample_tokens`.
+        temperature: as :func:`sample_tokens`.
+        vocab_salt: (V,) :func:`vocab_salt_table`.
     Returns:
         (B,) long codes.
     """
@@ -430,8 +446,11 @@ class ImagePrompt:
 
     @classmethod
     def from_borders(cls, codes: torch.Tensor, borders: dict[str, int]) -> ImagePrompt:
-        """The reference's border prompt: ``codes`` (N,), (B, N) or (B, D, D) (e.g. ``VQGAN.encode``
-        output), ``borders`` {'up','down','left','right'} in token units."""
+        """The reference's border prompt.
+
+        ``codes`` (N,), (B, N) or (B, D, D) (e.g. ``VQGAN.encode`` output), ``borders``
+        {'up','down','left','right'} in token units.
+        """
         codes = _flat_codes(torch.as_tensor(codes))
         D = math.isqrt(codes.shape[-1])
         if D * D != codes.shape[-1]:
@@ -538,8 +557,9 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
         model: a DalleModel (any dtype/device; dropout is switched off during the call).
         text_ids: (B, T) long, one caption per image as ``BPETokenizer.encode_batch`` makes them.
             Neighbouring rows with the same caption share its text keys/values (computed once).
-        top_k, top_p, temperature: the reference's sampling filter (:func:`filter_logits`); top_k 0
-            or None disables top-k. Ranges as in :class:`SamplingSettings` (top_p in (0, 1]).
+        top_k: the reference's top-k filter (:func:`filter_logits`); 0 or None disables it.
+        top_p: the nucleus mass in (0, 1] (ranges as in :class:`SamplingSettings`).
+        temperature: logits are divided by it before the filter.
         guidance_scale: None or 1.0 = plain sampling (1.0 would give the same logits, so the
             unconditional branch is skipped); other s >= 0 = classifier-free guidance with the empty
             caption, cond and uncond rows in one batched forward.
@@ -550,6 +570,8 @@ def sample_image_codes(model: DalleModel, text_ids: torch.Tensor, *, top_k: int 
             model's device (b = the rows of the current batch; a view of the working buffer: read
             or clone it, do not modify it), called every ``progress_interval`` tokens and after the
             last one. An exception raised there stops generation and propagates (cancellation).
+        progress_interval: tokens between ``progress`` calls.
+        progress_interval: tokens between ``progress`` calls.
         batch_size: generate at most this many images at a time (a new cache per batch).
         static_cache: fixed-shape decode steps (position as a device tensor).
         cuda_graph: capture the static decode step in a CUDA graph and replay it (CUDA only); the
@@ -612,9 +634,11 @@ def _generate_batch(model: DalleModel, text_ids: torch.Tensor, keys: torch.Tenso
                     prompt: tuple[torch.Tensor, torch.Tensor] | None, *, top_k: int, top_p: float,
                     temperature: float, guidance_scale: float | None, progress: ProgressFn | None,
                     progress_interval: int, mode: str, want_ppl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One batch through the shared-prefix decoder (holst/dalle/decode.py) and the lean sampler
-    (:func:`sample_tokens_topk`); the reference-exact kernel (attn_impl 'math') keeps the per-row
-    cache path :func:`_generate_batch_legacy`."""
+    """One batch through the shared-prefix decoder (holst/dalle/decode.py) and the lean sampler.
+
+    The sampler is :func:`sample_tokens_topk`; the reference-exact kernel (attn_impl 'math') keeps
+    the per-row cache path :func:`_generate_batch_legacy`.
+    """
     if model.attn_impl == "math":
         return _generate_batch_legacy(model, text_ids, keys, prompt, top_k=top_k, top_p=top_p,
                                       temperature=temperature, guidance_scale=guidance_scale, progress=progress,
@@ -658,8 +682,10 @@ def _token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class _DecodeSession:
-    """Buffers and the step function of one (rows, settings) shape; kept on the model for the
-    compiled and graph modes so that later calls reuse the compilation or the captured graph.
+    """Buffers and the step function of one (rows, settings) shape.
+
+    Kept on the model for the compiled and graph modes so that later calls reuse the compilation or
+    the captured graph.
 
     Args:
         model: the DalleModel; rows: R (2b under guidance); group: G rows per caption; b: images.
@@ -693,8 +719,10 @@ class _DecodeSession:
         self.graph: _CudaGraphStep | None = None
 
     def first_logits(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """Prefill each distinct caption once (and the empty one under guidance). Returns (R, V)
-        float image logits predicting token 0."""
+        """Prefill each distinct caption once (and the empty one under guidance).
+
+        Returns (R, V) float image logits predicting token 0.
+        """
         b, G, model = self.b, self.group, self.model
         texts = text_ids[::G]  # (b / G, T) distinct neighbouring captions
         u = texts.shape[0]
@@ -723,7 +751,9 @@ class _DecodeSession:
     def _step(self, tok: torch.Tensor, j: int | torch.Tensor, prev: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed image token j (b,), score it under ``prev`` (b, V), predict and sample token j + 1.
-        Returns (R, V) logits, (b,) sampled codes and (b,) cross-entropies of ``tok``."""
+
+        Returns (R, V) logits, (b,) sampled codes and (b,) cross-entropies of ``tok``.
+        """
         model, D = self.model, self.D
         ce = _token_ce(prev, tok)
         feed = (tok.repeat(2) if self.scale is not None else tok)[:, None]  # (R, 1)
@@ -744,9 +774,12 @@ class _DecodeSession:
         return self.fn(tok, self.index[j], prev)
 
     def guards(self) -> contextlib.AbstractContextManager:
-        """Where the loop runs: once a compiled session has run (all guards checked, compiled), later
-        batches keep its shapes and objects, so only the differentiating guards run (a guard check
-        costs about as much as a small model's whole step on CPU)."""
+        """Where the loop runs.
+
+        Once a compiled session has run (all guards checked, compiled), later batches keep its shapes
+        and objects, so only the differentiating guards run (a guard check costs about as much as a
+        small model's whole step on CPU).
+        """
         if self.mode == "compile" and self.calls > 0:
             return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
@@ -785,8 +818,10 @@ def _generate_batch_legacy(model: DalleModel, text_ids: torch.Tensor, keys: torc
                            temperature: float, guidance_scale: float | None, progress: ProgressFn | None,
                            progress_interval: int, static_cache: bool, cuda_graph: bool, want_ppl: bool
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-row cache path (holst/dalle/cache.py) with the full filter: prefill text + known
-    prefix per row, then one decode step per remaining token. The parity reference of the decoder."""
+    """The per-row cache path (holst/dalle/cache.py) with the full filter; the decoder's parity reference.
+
+    Prefill text + known prefix per row, then one decode step per remaining token.
+    """
     cfg = model.config
     b, N, P, V = text_ids.shape[0], cfg.image_seq_length, model.num_text_positions, cfg.image_vocab_size
     device = text_ids.device
@@ -899,7 +934,8 @@ def image_perplexity(model: DalleModel, text_ids: torch.Tensor, codes: torch.Ten
 
     Args:
         model: a DalleModel.
-        text_ids: (B, T) long captions; codes: (B, N) long image codes.
+        text_ids: (B, T) long captions.
+        codes: (B, N) long image codes.
     Returns:
         (B,) float32 perplexities (:func:`ce_to_ppl`).
     """

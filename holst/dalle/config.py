@@ -99,6 +99,7 @@ class DalleConfig(ConfigBase):
 
     @property
     def head_dim(self) -> int:
+        """Size of one attention head: ``hidden_size // num_attention_heads``."""
         return self.hidden_size // self.num_attention_heads
 
     def num_parameters(self) -> int:

@@ -61,7 +61,8 @@ def preprocess_images(images: torch.Tensor, resolution: int, mean: tuple[float, 
     Args:
         images: (B, 3, H, W) float in [0, 1] (any size, any aspect ratio).
         resolution: output side R.
-        mean, std: per-channel normalisation (OpenAI CLIP's for ruCLIP).
+        mean: per-channel mean subtracted (OpenAI CLIP's for ruCLIP).
+        std: per-channel standard deviation divided by (OpenAI CLIP's for ruCLIP).
     Returns:
         (B, 3, R, R) float, normalised, same dtype as ``images``.
     """
@@ -80,6 +81,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back (the reference does this for fp16 weights)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension in fp32; the result has ``x``'s dtype."""
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
@@ -89,6 +91,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x), the activation CLIP was trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x * sigmoid(1.702 x), elementwise."""
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -339,7 +342,8 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[
     """Image->text and text->image recall@k over N paired embeddings.
 
     Args:
-        image_emb, text_emb: (N, E) L2-normalised; row i of each is a true pair.
+        image_emb: (N, E) L2-normalised image embeddings; row i of each is a true pair.
+        text_emb: (N, E) L2-normalised text embeddings.
         ks: the k values.
         groups: optional (N,) long; items with the same group id (e.g. identical captions) count as
             correct matches for each other, since no model can tell identical texts apart.

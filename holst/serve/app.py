@@ -525,9 +525,11 @@ class HolstServer:
             self._stopped.wait(timeout)
 
     def server_close(self) -> None:
+        """Close the listening socket."""
         self.socket.close()
 
     def close(self) -> None:
+        """Stop serving, then close the listening socket."""
         self.shutdown()
         self.server_close()
 

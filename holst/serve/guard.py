@@ -85,6 +85,7 @@ class GuardedH11Protocol(H11Protocol):
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        """Count the connection; over a cap, refuse it (503) or evict an idle one; arm its header deadline."""
         super().connection_made(transport)
         self.stats.open += 1
         self._counted = True
@@ -106,6 +107,7 @@ class GuardedH11Protocol(H11Protocol):
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the header deadline and uncount the connection."""
         self._disarm()
         if self._counted:
             self.stats.open -= 1
@@ -113,6 +115,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """Feed bytes to h11; malformed HTTP gets a 400 and the connection closes."""
         if self.refused:
             return  # the lingering close of a refused connection: read and drop
         self._partial = True
@@ -129,6 +132,7 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()  # a request's headers are in: the app's body deadline takes over
 
     def on_response_complete(self) -> None:
+        """After a reply, arm the header deadline for the next request."""
         super().on_response_complete()
         if not self.transport.is_closing() and self.waiting:
             self._arm()
@@ -152,6 +156,7 @@ class GuardedH11Protocol(H11Protocol):
         self.loop.call_later(1.0, self.transport.close)
 
     def eof_received(self) -> bool | None:
+        """The client closed its side: a refused connection closes now."""
         if self.refused:
             self.transport.close()
         return super().eof_received()

@@ -82,6 +82,7 @@ class Job:
             pass
 
     def finish(self) -> None:
+        """Mark the job done and tell the asyncio side."""
         self.done.set()
         self.emit("done", None)
 
@@ -95,6 +96,7 @@ class ImageStore:
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> str:
+        """Store PNG bytes (dropping the oldest beyond ``capacity``); returns their new id."""
         key = secrets.token_urlsafe(16)
         with self._lock:
             self._items[key] = data
@@ -103,6 +105,7 @@ class ImageStore:
         return key
 
     def get(self, key: str) -> bytes | None:
+        """The PNG bytes stored under ``key``, or None when unknown or dropped."""
         with self._lock:
             return self._items.get(key)
 
@@ -128,15 +131,18 @@ class BatchWorker:
         self._thread = threading.Thread(target=self._loop, name="holst-batch-worker", daemon=True)
 
     def start(self) -> None:
+        """Start the worker thread."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the worker thread to stop and wait for it (up to 10 s)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
 
     def depth(self) -> int:
+        """Jobs waiting in the queue."""
         with self._cond:
             return len(self._queue)
 

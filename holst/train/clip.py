@@ -135,8 +135,7 @@ def split_data(data: str, split: str, lang: str, size: int) -> DataConfig:
 
 # ---------------------------------------------------------------------------------------- tokenizer
 def load_or_train_tokenizer(cfg: ClipTrainConfig, train: PairSet):
-    """The tokenizer named by ``cfg.tokenizer`` (a directory or a bpe.model file), or a new one
-    trained on the training captions."""
+    """The tokenizer named by ``cfg.tokenizer`` (a directory or a bpe.model file), or one trained on the captions."""
     from holst.text import BPETokenizer
 
     if cfg.tokenizer:
@@ -153,9 +152,11 @@ def load_or_train_tokenizer(cfg: ClipTrainConfig, train: PairSet):
 
 def encode(tokenizer, texts: list[str], context_length: int, *, dropout: float = 0.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Texts -> (B, l) ids with l <= context_length: trailing all-pad columns are cut (exact, since
-    the text tower is causal and reads the eos position). The encoding is the ranker's
-    (:func:`holst.rerank.ranker.clip_text_ids`), so training and ranking agree."""
+    """Texts -> (B, l) ids with l <= context_length: trailing all-pad columns are cut.
+
+    Exact, since the text tower is causal and reads the eos position. The encoding is the ranker's
+    (:func:`holst.rerank.ranker.clip_text_ids`), so training and ranking agree.
+    """
     return clip_text_ids(tokenizer, texts, context_length, dropout=dropout, generator=generator, trim=True)
 
 
@@ -245,8 +246,9 @@ def train_clip(cfg: ClipTrainConfig, *, train_data: Any = None, eval_data: Any =
 
     Args:
         cfg: the options.
-        train_data, eval_data: datasets of {'image', 'caption'} dicts, a :class:`PairSet`, a DataConfig,
-            or None to open ``cfg.data`` (split ``cfg.train_split`` / ``cfg.eval_splits``) with holst.data.
+        train_data: a dataset of {'image', 'caption'} dicts, a :class:`PairSet`, a DataConfig, or None to
+            open ``cfg.data`` (split ``cfg.train_split``) with holst.data.
+        eval_data: the same for the held-out pairs (None: ``cfg.data``'s ``cfg.eval_splits``).
         tokenizer: a BPETokenizer (default: ``cfg.tokenizer``, or train one on the captions).
         resume: see :func:`holst.train.checkpoint.resolve_resume`.
         engine: an existing Engine (else one is made and closed at the end).

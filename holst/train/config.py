@@ -125,8 +125,11 @@ class ScheduleOptions:
 
 @dataclasses.dataclass
 class LogOptions:
-    """Where a run writes and how often: metrics every ``log_every`` steps, a checkpoint every
-    ``save_every`` (0 = only at the end), samples every ``sample_every`` (0 = never)."""
+    """Where a run writes and how often.
+
+    Metrics every ``log_every`` steps, a checkpoint every ``save_every`` (0 = only at the end),
+    samples every ``sample_every`` (0 = never).
+    """
 
     out_dir: str = "runs/train"
     log_every: int = 10
@@ -144,9 +147,11 @@ class LogOptions:
 
 @dataclasses.dataclass
 class TrainConfig(LogOptions, ScheduleOptions, OptimOptions, EngineOptions, ConfigBase):
-    """Options shared by every trainer: :class:`EngineOptions`, :class:`OptimOptions`,
-    :class:`ScheduleOptions` and :class:`LogOptions` (see each for its fields). Stage trainers add
-    their own fields in a subclass (one level: they change defaults and add options).
+    """Options shared by every trainer.
+
+    :class:`EngineOptions`, :class:`OptimOptions`, :class:`ScheduleOptions` and :class:`LogOptions`
+    (see each for its fields). Stage trainers add their own fields in a subclass (one level: they
+    change defaults and add options).
     """
 
     def __post_init__(self) -> None:
