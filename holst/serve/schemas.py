@@ -142,6 +142,8 @@ class GenerateRequestBase(BaseModel):
     @field_validator(*REQUEST_SETTINGS)
     @classmethod
     def _setting_in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None  # null = the model's default, as when the field is left out
         try:  # the ranges of holst.sampling.SamplingSettings, as in Python and on the command line
             return check_setting(info.field_name, value)
         except ConfigError as e:
