@@ -163,18 +163,44 @@ def _flags(words: list[str]) -> list[str]:
     return flags
 
 
+def _concrete(words: list[str]) -> list[str] | None:
+    """The words without optional ``[--flag ...]`` groups; None when the line has placeholders (``...``, ``a|b``)."""
+    out, in_group = [], False
+    for w in words:
+        if in_group or w.startswith("[-"):
+            in_group = not w.endswith("]")
+            continue
+        if w in ("...", "…") or w.endswith("…") or "|" in w:
+            return None
+        out.append(w)
+    return out
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_cli_examples_match_help(page, monkeypatch):
+    from holst.cli import parse_command
+
     commands = _holst_commands(page)
     monkeypatch.setenv("COLUMNS", "200")
     for args in commands:
         cmd, text = _help(args)
         if cmd == ["bench"]:
             continue  # holst bench passes everything after the script's name to the script
+        shown = f"{_name(page)}: `holst {' '.join(args)}`"
         for flag in _flags(args[len(cmd):]):
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (
-                f"{_name(page)}: `holst {' '.join(args)}` uses {flag}, which `holst {' '.join(cmd)} --help` "
-                "does not list")
+                f"{shown} uses {flag}, which `holst {' '.join(cmd)} --help` does not list")
+        words = _concrete(args)
+        if words is None:
+            continue
+        # The whole line parses (required options and positionals included); the command itself does not run.
+        key = (cmd[0], cmd[1]) if len(cmd) == 2 else (None, cmd[0])
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parse_command(key, words[len(cmd):])
+        except SystemExit as e:
+            raise AssertionError(f"{shown} does not parse: {err.getvalue().strip()}") from e
 
 
 def test_every_page_has_tested_examples_and_few_are_not_run():
