@@ -2,8 +2,10 @@
 
     .venv/bin/python scripts/make_gallery.py models/default docs/gallery.png
 
-Each row: the 4 best of 8 samples (ranked by the model's CLIP), seed 0, the pipeline's sampling
-defaults, upscaled x4 by Real-ESRGAN when its weights are present (else Lanczos), shown at 128 px.
+Ten everyday captions (issue 13), one row each: on the left the 4 best of 8 samples for the Russian
+caption, on the right the 4 best of 8 for its English form (ranked by the model's CLIP), seed 0, the
+pipeline's sampling defaults, upscaled x4 by Real-ESRGAN when its weights are present (else Lanczos),
+shown at 128 px.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from holst import Text2ImagePipeline
 from holst.eval.plots import labeled_grid
 from holst.utils.images import save_png
 
-CAPTIONS = (
-    "красное яблоко", "синее сердце", "улыбающееся лицо", "ёлка", "собака", "автомобиль", "ракета", "дом",
-    "a red apple", "a green tree",
+CAPTIONS = (  # (Russian, English)
+    ("яблоко", "apple"), ("сердце", "heart"), ("кот", "cat"), ("собака", "dog"), ("машина", "car"),
+    ("дом", "house"), ("ёлка", "fir tree"), ("ракета", "rocket"), ("солнце", "sun"),
+    ("улыбающееся лицо", "smiling face"),
 )
 
 
@@ -26,10 +29,11 @@ def main(model: str, out: str) -> None:
     torch.set_num_threads(2)
     pipe = Text2ImagePipeline.from_pretrained(model)
     rows = []
-    for caption in CAPTIONS:
-        result = pipe(caption, num_images=8, seed=0, rerank=4, upscale=4)
-        rows.append(result.images)
-    save_png(labeled_grid(rows, CAPTIONS, cell=128, label_width=170), out)
+    for ru, en in CAPTIONS:
+        rows.append([im for caption in (ru, en)
+                     for im in pipe(caption, num_images=8, seed=0, rerank=4, upscale=4).images])
+    labels = [f"{ru} / {en}" for ru, en in CAPTIONS]
+    save_png(labeled_grid(rows, labels, cell=128, label_width=250), out)
     print(out)
 
 

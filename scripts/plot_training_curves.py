@@ -16,7 +16,8 @@ from holst.utils.images import save_png
 
 # (stage directories, run one after the other; title; {legend: metric key})
 PANELS = (
-    (("vqgan", "vqgan_dec"), "VQGAN: reconstruction loss (L1 + L2); then decoder only", {"train rec": "rec"}),
+    (("vqgan", "vqgan_dec"), "VQGAN: train losses; then decoder-only + GAN",
+     {"L1 + L2": "rec", "perceptual": "perc"}),
     (("vqgan", "vqgan_dec"), "VQGAN: held-out PSNR (dB)", {"val PSNR": "val_psnr"}),
     (("dalle", "dalle2"), "transformer: loss (weighted / text / image)", {"loss": "loss", "text": "text",
                                                                          "image": "image"}),

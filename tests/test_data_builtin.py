@@ -163,3 +163,34 @@ def test_merge_and_build_dataset_from_config(tmp_path: Path):
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="split"):
         DataConfig(split="valid")
+
+
+def test_one_row_per_concept_keeps_the_first_style_and_every_held_out_row():
+    from holst.data.builtin import one_row_per_concept
+
+    table = [("a", "noto", "train"), ("a", "twemoji", "train"), ("a", "openmoji", "test_style"),
+             ("b", "openmoji", "train"), ("b", "noto", "train"), ("c", "clipart", "train"), ("c", "photo", "train"),
+             ("d", "twemoji", "test_concept"), ("d", "noto", "test_concept")]
+    rows = [{"concept": c, "style": s, "split": split} for c, s, split in table]
+    kept = one_row_per_concept(rows, ["twemoji", "noto"])
+    assert kept == [rows[1], rows[2], rows[4], rows[5], rows[7], rows[8]]  # order of the input kept
+    assert one_row_per_concept(rows, ["noto"])[:2] == [rows[0], rows[2]]
+
+
+def test_merge_one_per_concept_on_the_cli(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from holst.data.shapes import build_shapes
+
+    build_shapes(tmp_path / "a", size=16, count=6, n_objects=(1,), test_count=2, seed=0)
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "captions.jsonl", encoding="utf-8")]
+    train_concepts = {r["concept"] for r in rows if r["split"] == "train"}
+    out = subprocess.run([sys.executable, "-m", "holst", "data", "merge", "--out", str(tmp_path / "one"),
+                          "--one-per-concept", "none", str(tmp_path / "a")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    merged = [json.loads(line) for line in open(tmp_path / "one" / "captions.jsonl", encoding="utf-8")]
+    train = [r for r in merged if r["split"] == "train"]
+    assert len(train) == len({r["concept"] for r in train}) == len(train_concepts)
+    assert sum(r["split"] != "train" for r in merged) == sum(r["split"] != "train" for r in rows)
+    assert json.loads((tmp_path / "one" / "meta.json").read_text())["one_per_concept"] == ["none"]

@@ -61,30 +61,37 @@ RECOGNISE_REFERENCE = MODEL / "eval" / "recognise_reference.safetensors"
 
 
 @pytest.mark.skipif(not RECOGNISE_REFERENCE.is_file(), reason="no recognition reference in models/default/eval")
-def test_generated_images_are_nearer_their_own_concept_than_another_captions(pipe):
-    """Recognisability (``holst eval recognise``) on 16 fixed training concepts x 4 images, against the
-    compact reference of all 8,023 real images (EfficientNet-Lite0 features, 128 dims) stored beside the model.
+def test_generated_images_show_their_concept(pipe):
+    """Recognisability (``holst eval recognise``) on 16 fixed training and 16 held-out concepts x 4 images
+    (seed 0, the model's sampling defaults), against the compact reference of all 8,023 real images
+    (EfficientNet-Lite0 features, 128 dims) stored beside the model: a hit = the caption's concept among
+    the image's 5 nearest real images.
 
-    Today's model sits near chance on the strict figure (a hit = the concept among the 5 nearest real
-    images: 0-2 % of images, chance 0.23 %, ceiling 40 %), so the strict figure is only recorded here;
-    what the model does have is a pull towards its concept: the caption's concept appears much earlier
-    among an image's nearest real images than the concept of another caption (median rank 1,169 vs
-    1,857 of 8,023 when measured). The rebuild of issue 13 is to turn this into an assertion on hits.
+    Measured on the committed model (2026-12-02): training concepts 56 of 64 images (87.5 %), held-out
+    concepts 6 of 64 (9.4 %); chance 0.25 % / 0.22 %; the model of 2026-11-25 scored 0-2 % on both. The same
+    images counted against another caption's concept stay near chance, so the figure is about captions.
     """
+    from holst.eval import recognise as rc
     from holst.eval.features import EffLite0Features, extract_features
-    from holst.eval.recognise import RealReference, ceiling_hits, concept_ranks, generate_images, pick_concepts
 
-    ref = RealReference.load(RECOGNISE_REFERENCE)
+    ref = rc.RealReference.load(RECOGNISE_REFERENCE)
     assert len(ref.concepts) == 8023 and ref.features.shape == (8023, 128)
-    concepts = pick_concepts(ref, "train", 16, seed=0)
-    assert len(concepts) == 16
-    # the reference itself: real images of these concepts find their concept among 5 neighbours ~40 % of the time
-    ceiling = ceiling_hits(ref.features, ref.concept_ids, [ref.index[c] for c in concepts])
-    assert ceiling.float().mean() > 0.3
-    images, _ = generate_images(pipe, [ref.info[c]["ru"] for c in concepts], num_images=4, seed=0)
-    feats = ref.project(extract_features(EffLite0Features().eval(), images))
-    own = torch.tensor([ref.index[c] for c in concepts]).repeat_interleave(4)
-    other = torch.tensor([ref.index[concepts[(i + 5) % 16]] for i in range(16)]).repeat_interleave(4)
-    rank_own = concept_ranks(feats, own, ref.features, ref.concept_ids).double().median()
-    rank_other = concept_ranks(feats, other, ref.features, ref.concept_ids).double().median()
-    assert rank_own < 0.8 * rank_other, (float(rank_own), float(rank_other))
+    net = EffLite0Features().eval()
+    rates = {}
+    for group in ("train", "heldout"):
+        concepts = rc.pick_concepts(ref, group, 16, seed=0)
+        assert len(concepts) == 16
+        # the reference itself: real images of these concepts find their concept among 5 neighbours 40-50 % of the time
+        ceiling = rc.ceiling_hits(ref.features, ref.concept_ids, [ref.index[c] for c in concepts])
+        assert ceiling.float().mean() > 0.3
+        images, _ = rc.generate_images(pipe, [ref.info[c]["ru"] for c in concepts], num_images=4, seed=0)
+        feats = ref.project(extract_features(net, images))
+        own = torch.tensor([ref.index[c] for c in concepts]).repeat_interleave(4)
+        other = torch.tensor([ref.index[concepts[(i + 5) % 16]] for i in range(16)]).repeat_interleave(4)
+        hits = rc.nearest_hits(feats, own, ref.features, ref.concept_ids)
+        wrong = rc.nearest_hits(feats, other, ref.features, ref.concept_ids)
+        rates[group] = (float(hits.float().mean()), rc.chance_rate(ref.concept_ids, own), int(wrong.sum()))
+        assert int(wrong.sum()) <= 2, rates
+    train, heldout = rates["train"], rates["heldout"]
+    assert train[0] >= 0.6 and train[0] > 100 * train[1], rates  # issue 13: >= 30 % on training concepts
+    assert heldout[0] >= 3 / 64 and heldout[0] > 10 * heldout[1], rates  # well above chance on held-out ones
