@@ -283,8 +283,10 @@ def test_cli_convert_pth(tmp_path, capsys):
     assert main(["convert", "realesrgan", str(tmp_path / "x4.pth"), str(tmp_path / "out"), "--dtype", "fp16"]) == 0
     loaded = RRDBNet.from_pretrained(tmp_path / "out", dtype=None)
     assert loaded.conv_first.weight.dtype == torch.float16 and loaded.scale == 4
-    with pytest.raises(SystemExit):
-        main(["convert", "realesrgan", str(tmp_path / "missing.pth"), str(tmp_path / "out2")])
+    capsys.readouterr()
+    assert main(["convert", "realesrgan", str(tmp_path / "missing.pth"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0], err
 
 
 def test_cli_convert_ncnn_folder_and_missing_wheel(tmp_path, monkeypatch):

@@ -301,7 +301,7 @@ def test_training_options_and_errors(corpus):
     assert all(not c.isupper() for c in upper.vocab()[4:])
 
 
-def test_train_cli(tmp_path, corpus):
+def test_train_cli(tmp_path, corpus, capsys):
     from holst.cli import main
 
     src = tmp_path / "captions.txt"
@@ -310,8 +310,11 @@ def test_train_cli(tmp_path, corpus):
     tok = BPETokenizer.from_pretrained(tmp_path / "tk")
     assert tok.vocab_size == 300 and tok.config.lowercase
     assert tok.decode(tok.encode("рыжий кот на подоконнике")) == "рыжий кот на подоконнике"
-    with pytest.raises(SystemExit, match="cannot read"):
-        main(["train", "tokenizer", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(tmp_path)])
+    capsys.readouterr()
+    missing = str(tmp_path / "missing.txt")
+    assert main(["train", "tokenizer", missing, "--vocab-size", "300", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0], err
 
 
 # ------------------------------------------------------------------------------------------------
