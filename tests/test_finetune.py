@@ -253,22 +253,20 @@ def test_shipped_model_learns_a_new_concept_and_other_captions_do_not_turn_into_
     others = [c for c in pick_concepts(base, "train", 16, seed=0) if c not in kept]
     new_id = torch.full((16,), ref.index["drawn"])
 
-    def own_and_turned(concepts):
+    def own_and_turned(pipe, concepts):
         ids = torch.tensor([ref.index[c] for c in concepts]).repeat_interleave(2)
-        images, _ = generate_images(pipe_now, [ref.info[c]["ru"] for c in concepts], num_images=2, seed=0)
+        images, _ = generate_images(pipe, [ref.info[c]["ru"] for c in concepts], num_images=2, seed=0)
         feats = ref.project(extract_features(net, images))
         own = nearest_hits(feats, ids, ref.features, ref.concept_ids)
         turned = nearest_hits(feats, torch.full_like(ids, ref.index["drawn"]), ref.features, ref.concept_ids)
         return int(own.sum()), int(turned.sum())
 
     def measure(pipe):
-        nonlocal pipe_now
-        pipe_now = pipe
         images, _ = generate_images(pipe, [CAPTION], num_images=16, seed=123)
         new_hits = nearest_hits(ref.project(extract_features(net, images)), new_id, ref.features, ref.concept_ids)
-        return (int(new_hits.sum()), *own_and_turned(kept), *own_and_turned(others))
+        return (int(new_hits.sum()), *own_and_turned(pipe, kept), *own_and_turned(pipe, others))
 
-    pipe_now = pipe = Text2ImagePipeline.from_pretrained(MODEL)
+    pipe = Text2ImagePipeline.from_pretrained(MODEL)
     before = measure(pipe)
     folder = write_folder(tmp_path / "pictures", 16, captions=None)
     new = finetune(pipe, folder, tmp_path / "mine", caption=CAPTION, device="cpu")
