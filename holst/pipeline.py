@@ -129,7 +129,7 @@ class Text2ImagePipeline:
             clip: include a random CLIP ranker.
             superres: include a random 2x super-resolution net.
         """
-        from holst.hub import build_random_components
+        from holst.random_pipeline import build_random_components
 
         components, config = build_random_components(preset, seed=seed, clip=clip, superres=superres)
         pipe = cls(components, config)
