@@ -7,6 +7,7 @@ class is also a ``ValueError``, so library callers that catch ``ValueError`` kee
 HolstError
 ├── ConfigError      an option is unknown, missing or out of range (configs, sampling settings, flags)
 ├── InputError       a caption, image, path or device the user gave cannot be used
+│   └── MissingPackageError  an optional package a feature needs is not installed (also an ImportError)
 └── CheckpointError  a model file is missing, corrupt, foreign (e.g. a pickle with code) or does not fit
 ```
 """
@@ -24,6 +25,13 @@ class ConfigError(HolstError):
 
 class InputError(HolstError):
     """Something the user gave (a caption, an image, an output path, a device) cannot be used."""
+
+
+class MissingPackageError(InputError, ImportError):
+    """An optional package that a feature needs is not installed; the message says what to install.
+
+    Also an ``ImportError``, so code that falls back when a package is missing keeps catching it.
+    """
 
 
 class CheckpointError(HolstError):

@@ -24,7 +24,8 @@ from typing import Any
 
 from holst.cli_common import add_runtime_arguments, add_sampling_arguments, check_sampling_flags, given_values
 from holst.cli_common import load_pipeline as _load_pipeline
-from holst.config import ConfigError, EvalConfig
+from holst.config import EvalConfig
+from holst.errors import InputError
 from holst.utils.runtime import get_logger, resolve_device, resolve_dtype, set_threads
 
 log = get_logger("holst.eval")
@@ -113,7 +114,7 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
                                                          "(default: the default hold-out combinations)")
         _sampling(parser)
     else:
-        raise ValueError(f"unknown eval command {name!r}")
+        raise InputError(f"unknown eval command {name!r}")
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
@@ -157,7 +158,7 @@ def _components(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     dalle = DalleModel.from_pretrained(model, device=dev, dtype=resolve_dtype(args.dtype, dev))
     if args.tokenizer is None:
-        raise ValueError(f"--model {model} is a transformer directory: give --tokenizer (and --vqgan with --data)")
+        raise InputError(f"--model {model} is a transformer directory: give --tokenizer (and --vqgan with --data)")
     vqgan = None
     if args.vqgan is not None:
         from holst.vqgan import VQGAN
@@ -172,9 +173,9 @@ def _recognise(args: argparse.Namespace) -> dict:
     from holst.eval.recognise import RealReference, eval_recognise, load_reference
 
     if (args.data is None) == (args.reference is None):
-        raise ValueError("give --data (a dataset folder) or --reference (a compact reference file), one of them")
+        raise InputError("give --data (a dataset folder) or --reference (a compact reference file), one of them")
     if args.save_reference and args.data is None:
-        raise ValueError("--save-reference needs --data")
+        raise InputError("--save-reference needs --data")
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     net = EffLite0Features(args.fd_resolution).eval().to(pipe.device)
     if args.data is not None:
@@ -197,41 +198,36 @@ def _recognise(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     """Run the report named by ``args.command``; prints the JSON summary path and headline numbers."""
     from holst.eval import reports
-    from holst.utils.persist import CheckpointError
 
     set_threads(args.threads)
-    try:
-        cfg = _config(args)
-        if args.command == "vqgan":
-            vqgan, _, _ = _components(args)
-            report = reports.eval_vqgan(vqgan, args.data, args.out, cfg, size=args.size, cache_dir=args.cache_dir)
-            keys = ("psnr", "ssim", "codebook_used_fraction", "codebook_perplexity", "fd_efflite0")
-        elif args.command == "dalle":
-            vqgan, dalle, tokenizer = _components(args)
-            if args.codes is None and (args.data is None or vqgan is None):
-                raise ValueError("give --codes (held-out code shards) or --data with a VQGAN "
-                                 "(a pipeline --model, or --vqgan)")
-            report = reports.eval_dalle(dalle, tokenizer, args.out, cfg, vqgan=vqgan, data=args.data, codes=args.codes)
-            keys = ("loss", "text_loss", "image_loss", "bits_per_image_token")
-        elif args.command == "pipeline":
-            pipe = _load_pipeline(args.model, args.device, args.dtype)
-            report = reports.eval_pipeline(pipe, args.data, args.out, cfg, sampling=_sampling_kwargs(args),
-                                           cache_dir=args.cache_dir)
-            keys = ("clip_score_best", "clip_score_mean", "r_precision", "real_r_precision", "fd_efflite0",
-                    "diversity_efflite0")
-        elif args.command == "recognise":
-            report = _recognise(args)
-            keys = ("train_hit_rate", "train_chance", "train_ceiling", "heldout_hit_rate", "heldout_chance",
-                    "heldout_ceiling")
-        elif args.command == "shapes":
-            pipe = _load_pipeline(args.model, args.device, args.dtype)
-            report = reports.eval_shapes(pipe, args.out, cfg, data=args.data, sampling=_sampling_kwargs(args))
-            keys = ("accuracy", "any_image_all_right")
-        else:
-            raise ValueError(f"unknown eval command {args.command!r}")
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"holst eval {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    cfg = _config(args)
+    if args.command == "vqgan":
+        vqgan, _, _ = _components(args)
+        report = reports.eval_vqgan(vqgan, args.data, args.out, cfg, size=args.size, cache_dir=args.cache_dir)
+        keys = ("psnr", "ssim", "codebook_used_fraction", "codebook_perplexity", "fd_efflite0")
+    elif args.command == "dalle":
+        vqgan, dalle, tokenizer = _components(args)
+        if args.codes is None and (args.data is None or vqgan is None):
+            raise InputError("give --codes (held-out code shards) or --data with a VQGAN "
+                             "(a pipeline --model, or --vqgan)")
+        report = reports.eval_dalle(dalle, tokenizer, args.out, cfg, vqgan=vqgan, data=args.data, codes=args.codes)
+        keys = ("loss", "text_loss", "image_loss", "bits_per_image_token")
+    elif args.command == "pipeline":
+        pipe = _load_pipeline(args.model, args.device, args.dtype)
+        report = reports.eval_pipeline(pipe, args.data, args.out, cfg, sampling=_sampling_kwargs(args),
+                                       cache_dir=args.cache_dir)
+        keys = ("clip_score_best", "clip_score_mean", "r_precision", "real_r_precision", "fd_efflite0",
+                "diversity_efflite0")
+    elif args.command == "recognise":
+        report = _recognise(args)
+        keys = ("train_hit_rate", "train_chance", "train_ceiling", "heldout_hit_rate", "heldout_chance",
+                "heldout_ceiling")
+    elif args.command == "shapes":
+        pipe = _load_pipeline(args.model, args.device, args.dtype)
+        report = reports.eval_shapes(pipe, args.out, cfg, data=args.data, sampling=_sampling_kwargs(args))
+        keys = ("accuracy", "any_image_all_right")
+    else:
+        raise InputError(f"unknown eval command {args.command!r}")
     summary = {k: report.get(k) for k in keys}
     print(json.dumps({"report": str(Path(args.out) / f"{args.command}.json"), **reports._json_safe(summary)},
                      ensure_ascii=False))

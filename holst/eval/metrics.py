@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from holst.errors import InputError
 from holst.vqgan.metrics import codebook_usage, psnr, ssim
 
 __all__ = ["codebook_usage", "diversity", "feature_stats", "frechet_distance", "frechet_distance_features",
@@ -28,7 +29,7 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (mu (D,), sigma (D, D)): the unbiased covariance (divides by N - 1), as pytorch-fid does.
     """
     if features.dim() != 2 or features.shape[0] < 2:
-        raise ValueError(f"feature_stats needs (N >= 2, D) features, got {tuple(features.shape)}")
+        raise InputError(f"feature_stats needs (N >= 2, D) features, got {tuple(features.shape)}")
     x = features.double()
     mu = x.mean(0)
     xc = x - mu
@@ -58,7 +59,7 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     """
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"mismatched statistics: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
+        raise InputError(f"mismatched statistics: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
                          f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}")
     root1 = _sqrt_psd(sigma1)
     inner = root1 @ sigma2 @ root1  # (D, D) symmetric PSD
@@ -95,9 +96,9 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, true_index: tor
         queries), "chance": 1 / that number, "n": N}.
     """
     if image_emb.shape[0] != true_index.shape[0]:
-        raise ValueError(f"{image_emb.shape[0]} image embeddings for {true_index.shape[0]} caption indices")
+        raise InputError(f"{image_emb.shape[0]} image embeddings for {true_index.shape[0]} caption indices")
     if candidates < 2:
-        raise ValueError(f"candidates={candidates} must be >= 2")
+        raise InputError(f"candidates={candidates} must be >= 2")
     M = text_emb.shape[0]
     groups = torch.arange(M) if text_groups is None else text_groups.cpu().long()
     sims = F.normalize(image_emb.double(), dim=-1) @ F.normalize(text_emb.double(), dim=-1).t()  # (N, M)
@@ -106,7 +107,7 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, true_index: tor
         others = torch.nonzero(groups != groups[t]).flatten()
         k = min(candidates - 1, others.numel())
         if k == 0:
-            raise ValueError("R-precision needs at least two distinct captions")
+            raise InputError("R-precision needs at least two distinct captions")
         pick = others[torch.randperm(others.numel(), generator=generator)[:k]]
         used = min(used, k + 1)
         hits += int(bool((sims[n, pick] < sims[n, t]).all()))

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from holst.errors import InputError
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.eval")
@@ -70,10 +71,10 @@ def nearest_hits(queries: torch.Tensor, query_concepts: torch.Tensor, reference:
         (Q,) bool.
     """
     if queries.shape[0] != query_concepts.shape[0] or reference.shape[0] != reference_concepts.shape[0]:
-        raise ValueError("one concept id per feature row is needed")
+        raise InputError("one concept id per feature row is needed")
     k = min(k, reference.shape[0] - (1 if exclude is not None else 0))
     if k < 1:
-        raise ValueError("the reference set is too small for a nearest-neighbour hit")
+        raise InputError("the reference set is too small for a nearest-neighbour hit")
     ref = F.normalize(reference.float(), dim=1)
     out = []
     for start in range(0, queries.shape[0], chunk):
@@ -188,7 +189,7 @@ class RealReference:
 
     def __post_init__(self) -> None:
         if self.features.shape[0] != len(self.concepts):
-            raise ValueError(f"{self.features.shape[0]} feature rows but {len(self.concepts)} concepts")
+            raise InputError(f"{self.features.shape[0]} feature rows but {len(self.concepts)} concepts")
         names = sorted(set(self.concepts))
         self.index = {c: i for i, c in enumerate(names)}
         self.concept_ids = torch.tensor([self.index[c] for c in self.concepts], dtype=torch.long)  # (R,)
@@ -217,7 +218,7 @@ class RealReference:
     def concepts_of(self, group: str, *, min_images: int = 2) -> list[str]:
         """Sorted concepts of a group: 'train' (no test_concept row) or 'heldout' (test_concept)."""
         if group not in GROUPS:
-            raise ValueError(f"group={group!r}: choose one of {list(GROUPS)}")
+            raise InputError(f"group={group!r}: choose one of {list(GROUPS)}")
         held = [c for c, v in self.info.items() if "test_concept" in v["splits"]]
         pool = held if group == "heldout" else [c for c, v in self.info.items()
                                                 if "train" in v["splits"] and "test_concept" not in v["splits"]]
@@ -248,14 +249,14 @@ class RealReference:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if "features" not in tensors or "concepts" not in meta:
-            raise ValueError(f"{path} is not a recognition reference (holst eval recognise --save-reference)")
+            raise InputError(f"{path} is not a recognition reference (holst eval recognise --save-reference)")
         return cls(tensors["features"].float(), json.loads(meta["concepts"]), json.loads(meta.get("info", "{}")),
                    tensors.get("basis"), meta.get("source", str(path)), meta.get("fingerprint", ""))
 
     def compact(self, dim: int) -> RealReference:
         """The features projected on their top ``dim`` uncentred singular directions (keeps cosines best)."""
         if self.basis is not None:
-            raise ValueError("this reference is compact already")
+            raise InputError("this reference is compact already")
         dim = min(dim, self.features.shape[1], self.features.shape[0])
         _, _, vh = torch.linalg.svd(self.features.double(), full_matrices=False)
         basis = vh[:dim].T.float().contiguous()  # (1280, dim)
@@ -290,7 +291,7 @@ def load_reference(data: str | Path, net: Callable[[torch.Tensor], torch.Tensor]
         raise FileNotFoundError(f"{data}: no captions.jsonl (build the data with 'holst data emoji|tuxpaint')")
     rows = [r for r in read_table(table) if r.get("file") and r.get("concept")]
     if not rows:
-        raise ValueError(f"{table}: no rows with 'file' and 'concept' columns (written by 'holst data emoji|tuxpaint')")
+        raise InputError(f"{table}: no rows with 'file' and 'concept' columns (written by 'holst data emoji|tuxpaint')")
     files = [table.parent / r["file"] for r in rows]
     concepts = [str(r["concept"]) for r in rows]
     by_concept: dict[str, list[dict]] = {}
@@ -382,7 +383,7 @@ def recognise(pipe: Any, reference: RealReference, concepts: Sequence[str], net:
 
     unknown = [c for c in concepts if c not in reference.index]
     if unknown:
-        raise ValueError(f"concepts not in the reference: {unknown[:5]}")
+        raise InputError(f"concepts not in the reference: {unknown[:5]}")
     captions = list(captions) if captions is not None else [reference.info[c][lang] for c in concepts]
     images, outs = generate_images(pipe, captions, num_images=num_images, seed=seed, sampling=sampling)
     feats = reference.project(extract_features(net, images, batch_size=batch_size))  # (Q, D)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from holst.errors import InputError
 from holst.eval import plots
 from holst.eval.config import EvalConfig
 from holst.eval.features import FD_NAME, cached_reference_stats, extract_features, try_efflite0
@@ -85,7 +86,7 @@ def load_heldout(data: str | Path, *, split: str = "test", size: int = 64, lang:
     ds = TableDataset(data, split=split, size=size, langs=(lang,))
     n = len(ds)
     if n == 0:
-        raise ValueError(f"{data}: no rows with split={split!r} and a {lang!r} caption; held-out splits are "
+        raise InputError(f"{data}: no rows with split={split!r} and a {lang!r} caption; held-out splits are "
                          "written by 'holst data emoji|tuxpaint|shapes' (column 'split')")
     index = list(range(n))
     if 0 < limit < n:
@@ -289,14 +290,14 @@ def eval_dalle(dalle: Any, tokenizer: Any, out: str | Path, cfg: EvalConfig | No
                 pairs += list(zip(held.captions[i:i + cfg.batch_size], grid.reshape(grid.shape[0], -1)))
         source, split = str(data), cfg.split
     else:
-        raise ValueError("eval_dalle needs held-out code shards (codes=...) or a dataset folder and a VQGAN "
+        raise InputError("eval_dalle needs held-out code shards (codes=...) or a dataset folder and a VQGAN "
                          "(data=..., vqgan=...)")
     if cfg.limit and codes is not None:
         pairs = pairs[: cfg.limit]
     if not pairs:
-        raise ValueError(f"no held-out pairs in {source}")
+        raise InputError(f"no held-out pairs in {source}")
     if pairs[0][1].numel() != N:
-        raise ValueError(f"held-out codes have {pairs[0][1].numel()} tokens per image but the transformer reads "
+        raise InputError(f"held-out codes have {pairs[0][1].numel()} tokens per image but the transformer reads "
                          f"N = {N} ({D}x{D}): codes of another VQGAN or image size?")
     device = next(dalle.parameters()).device
     P = dalle.num_text_positions
@@ -310,7 +311,7 @@ def eval_dalle(dalle: Any, tokenizer: Any, out: str | Path, cfg: EvalConfig | No
         text_ids = tokenizer.encode_batch([c for c, _ in batch], T)
         image = torch.stack([c for _, c in batch]).long()
         if int(image.min()) < 0 or int(image.max()) >= dc.image_vocab_size:
-            raise ValueError(f"held-out codes lie outside [0, image_vocab_size={dc.image_vocab_size})")
+            raise InputError(f"held-out codes lie outside [0, image_vocab_size={dc.image_vocab_size})")
         ids = torch.cat([text_ids, image], dim=1).to(device)  # (B, T + N)
         hidden = dalle.hidden_states(ids)  # (B, S, H)
         loss, parts = dalle.compute_loss(ids, logits=dalle.to_logits(hidden))
@@ -422,7 +423,7 @@ def eval_pipeline(pipe: Any, data: str | Path, out: str | Path, cfg: EvalConfig 
     """
     cfg = cfg or EvalConfig()
     if cfg.lang == "both":
-        raise ValueError("lang='both' is for the dalle report; evaluate the pipeline per language (ru or en)")
+        raise InputError("lang='both' is for the dalle report; evaluate the pipeline per language (ru or en)")
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     t0 = time.perf_counter()
     held = load_heldout(data, split=cfg.split, size=pipe.image_size, lang=cfg.lang)
@@ -542,7 +543,7 @@ def shapes_heldout(data: str | Path | None = None) -> tuple[list[Any], str]:
                 seen.add(spec.id)
                 specs.append(spec)
     if not specs:
-        raise ValueError(f"{table}: no held-out rows with a 'spec' column: is it a 'holst data shapes' folder?")
+        raise InputError(f"{table}: no held-out rows with a 'spec' column: is it a 'holst data shapes' folder?")
     return specs, str(data)
 
 
@@ -566,7 +567,7 @@ def eval_shapes(pipe: Any, out: str | Path, cfg: EvalConfig | None = None, *, da
 
     cfg = cfg or EvalConfig()
     if cfg.lang == "both":
-        raise ValueError("lang='both' is for the dalle report; use ru or en")
+        raise InputError("lang='both' is for the dalle report; use ru or en")
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     t0 = time.perf_counter()
     all_specs, source = shapes_heldout(data)

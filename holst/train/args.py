@@ -2,7 +2,8 @@
 
 ``holst train <stage> --config x.yaml [--set key=value ...] [--resume [PATH|if-present]]``:
 defaults <- YAML file <- ``--set`` overrides, validated by the stage's config class; user
-mistakes (a bad option, a missing file, a foreign checkpoint) end in one line and exit code 2.
+mistakes (a bad option, a missing file, a foreign checkpoint) are raised as ``HolstError`` / ``OSError``,
+which :func:`holst.cli.run_command` ends in one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import yaml
 
 from holst.config import ConfigBase, ConfigError
-from holst.utils.persist import CheckpointError
 from holst.utils.runtime import set_threads  # the one for every command (0 = torch's choice)
 
 C = TypeVar("C", bound=ConfigBase)
@@ -100,28 +99,23 @@ def load_train_config(cls: type[C], path: str | Path | None, overrides: list[str
         raise ConfigError(f"{cls.__name__}: {e}") from e
 
 
-# Errors a user can fix from the command line: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError)
-
-
-def run_train_command(stage: str, cls: type[C], train: Callable[..., Any], args: argparse.Namespace) -> int:
+def run_train_command(cls: type[C], train: Callable[..., Any], args: argparse.Namespace) -> int:
     """The body of every ``holst train <stage>``: config, threads, train, one summary line.
 
     Args:
-        stage: the command name, for messages.
         cls: the stage's config class.
         train: ``train(cfg, resume=...) -> TrainResult``.
         args: parsed :func:`add_train_arguments` options.
     Returns:
-        0 when the run finished or was stopped by a signal (its checkpoint is saved), 2 on a user error.
+        0 when the run finished or was stopped by a signal (its checkpoint is saved).
+
+    Raises:
+        HolstError: a user mistake (a bad option, a foreign checkpoint); ``OSError``: a missing file.
+            :func:`holst.cli.run_command` prints either as one line and exits 2.
     """
-    try:
-        cfg = load_train_config(cls, args.config, args.overrides)
-        set_threads(cfg.num_threads)
-        result = train(cfg, resume=args.resume)
-    except USER_ERRORS as e:
-        print(f"holst train {stage}: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_train_config(cls, args.config, args.overrides)
+    set_threads(cfg.num_threads)
+    result = train(cfg, resume=args.resume)
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with --resume (checkpoint {result.checkpoint})")
         return 0

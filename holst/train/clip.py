@@ -397,4 +397,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``holst train clip`` (also under torchrun)."""
-    return run_train_command("clip", ClipTrainConfig, train_clip, args)
+    return run_train_command(ClipTrainConfig, train_clip, args)

@@ -338,4 +338,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``holst train dalle`` (also under torchrun)."""
-    return run_train_command("dalle", DalleTrainConfig, train_dalle, args)
+    return run_train_command(DalleTrainConfig, train_dalle, args)

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from holst.errors import MissingPackageError
 from holst.train.checkpoint import (
     DEEPSPEED_MARKER,
     load_entry,
@@ -157,7 +158,7 @@ class Engine:
             try:
                 import deepspeed  # noqa: F401
             except ImportError as e:
-                raise ImportError("backend='deepspeed' needs DeepSpeed: pip install 'holst[deepspeed]'") from e
+                raise MissingPackageError("backend='deepspeed' needs DeepSpeed: pip install 'holst[deepspeed]'") from e
         return backend
 
     def _resolve_device(self, device: str) -> torch.device:

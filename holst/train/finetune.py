@@ -34,7 +34,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from holst.config import ConfigBase, ConfigError, _check, check_positive, check_prob
+from holst.errors import InputError
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.finetune")
@@ -64,8 +64,8 @@ PRIOR_CAPTIONS = (
 )
 
 
-class FinetuneError(ValueError):
-    """A user mistake (bad folder, caption or --out): one line, exit 2."""
+class FinetuneError(InputError):
+    """A user mistake (bad folder, caption or --out): ``holst finetune`` prints one line and exits 2."""
 
 
 @dataclasses.dataclass
@@ -526,34 +526,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``holst finetune``."""
-    from holst.utils.persist import CheckpointError
-
     out = Path(args.out)
-    try:
-        if out.exists():
-            raise FinetuneError(f"--out {out} exists already: give a new directory (nothing is overwritten)")
-        if args.caption is not None:
-            if not args.caption.strip():
-                raise FinetuneError("the caption is empty: describe the pictures, e.g. --caption 'мой рыжий кот'")
-        if not Path(args.images).is_dir():
-            raise FinetuneError(f"{args.images} is not a folder of pictures")
-        cfg = FinetuneConfig(steps=args.steps, lora_rank=args.lora, minutes=args.minutes, lr=args.lr,
-                             batch_size=args.batch_size, variants=args.variants, flip=args.flip,
-                             device=args.device, precision=args.precision, num_threads=args.threads, seed=args.seed,
-                             sample_every=args.sample_every, prior_images=args.prior_images)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        from holst.pipeline import Text2ImagePipeline
-        from holst.utils.runtime import resolve_device
+    if out.exists():
+        raise FinetuneError(f"--out {out} exists already: give a new directory (nothing is overwritten)")
+    if args.caption is not None:
+        if not args.caption.strip():
+            raise FinetuneError("the caption is empty: describe the pictures, e.g. --caption 'мой рыжий кот'")
+    if not Path(args.images).is_dir():
+        raise FinetuneError(f"{args.images} is not a folder of pictures")
+    cfg = FinetuneConfig(steps=args.steps, lora_rank=args.lora, minutes=args.minutes, lr=args.lr,
+                         batch_size=args.batch_size, variants=args.variants, flip=args.flip,
+                         device=args.device, precision=args.precision, num_threads=args.threads, seed=args.seed,
+                         sample_every=args.sample_every, prior_images=args.prior_images)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from holst.pipeline import Text2ImagePipeline
+    from holst.utils.runtime import resolve_device
 
-        pipe = Text2ImagePipeline.from_pretrained(args.model, device=resolve_device(args.device))
-        if args.caption is not None:
-            check_caption(pipe, args.caption)
-        pictures = load_pictures(args.images, pipe.image_size, caption=args.caption)
-        new = finetune(pipe, pictures, out, caption=args.caption, cfg=cfg)
-    except (FinetuneError, ConfigError, FileNotFoundError, CheckpointError) as e:
-        print(f"holst finetune: {e}", file=sys.stderr)
-        return 2
+    pipe = Text2ImagePipeline.from_pretrained(args.model, device=resolve_device(args.device))
+    if args.caption is not None:
+        check_caption(pipe, args.caption)
+    pictures = load_pictures(args.images, pipe.image_size, caption=args.caption)
+    new = finetune(pipe, pictures, out, caption=args.caption, cfg=cfg)
     print(f"done: {new.source} (try: holst generate {json.dumps(pictures.captions[0], ensure_ascii=False)} "
           f"--model {new.source})")
     return 0

@@ -171,4 +171,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``holst train superres``."""
-    return run_train_command("superres", SuperResTrainConfig, train_superres, args)
+    return run_train_command(SuperResTrainConfig, train_superres, args)

