@@ -9,12 +9,13 @@ Each stage owns its config and presets, beside its model or trainer::
     holst/dalle/config.py     DalleConfig, DALLE_PRESETS, get_preset
     holst/vqgan/config.py     VQGANConfig, VQGAN_PRESETS, get_vqgan_preset
     holst/rerank/config.py    ClipConfig, CLIP_PRESETS, clip_preset
-    holst/superres/config.py  SuperResConfig
+    holst/superres/config.py  SuperResConfig (RRDBChannels, RRDBOptions), SUPERRES_SCALES
     holst/text/config.py      TokenizerConfig
     holst/data/config.py      DataConfig
     holst/eval/config.py      EvalConfig
-    holst/train/config.py     TrainConfig (EngineOptions, OptimOptions, ScheduleOptions, LogOptions),
-                              DalleTrainConfig, VQGANTrainConfig, ClipTrainConfig, SuperResTrainConfig
+    holst/train/config.py     TrainConfig (EngineOptions = RuntimeOptions + engine fields, OptimOptions,
+                              ScheduleOptions, LogOptions), DalleTrainConfig, VQGANTrainConfig,
+                              ClipTrainConfig, SuperResTrainConfig (+ RRDBOptions)
 
 This module keeps :class:`ConfigBase`, the ``check_*`` validators, the pipeline and server configs,
 and re-exports the stage configs (imported on first use, so ``import holst.config`` stays light and

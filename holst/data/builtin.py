@@ -14,6 +14,7 @@ the held-out set is fixed and can be rebuilt byte-identically.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from holst.data.images import DataReport, to_rgb_counted
-from holst.errors import MissingPackageError
+from holst.errors import ConfigError, MissingPackageError
 
 SPLITS = ("train", "test_concept", "test_style")
 
@@ -119,6 +120,24 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
     if (out / "captions.jsonl").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a dataset (captions.jsonl); pass --overwrite to rebuild it")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def add_package_build_arguments(parser: argparse.ArgumentParser, *, offline_help: str) -> None:
+    """``--cache``, ``--offline`` and ``--overwrite``: the options of every dataset built from registry packages.
+
+    Args:
+        parser: the command's parser (``holst data emoji``, ``holst data tuxpaint``).
+        offline_help: the help of ``--offline``, naming what is used from the cache.
+    """
+    parser.add_argument("--cache", default=None, help="package cache (default $HOLST_CACHE or ~/.cache/holst)")
+    parser.add_argument("--offline", action="store_true", help=offline_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+
+
+def check_image_side(size: int) -> None:
+    """Raise ConfigError unless ``size`` (``--size``, the side of a built dataset's images) is >= 8."""
+    if size < 8:
+        raise ConfigError(f"--size={size} must be >= 8")
 
 
 def write_index(out: Path, records: list[dict], meta: dict) -> dict:

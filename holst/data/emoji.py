@@ -20,7 +20,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from holst.data.builtin import assign_split, prepare_out_dir, render_svg, require_rasteriser, save_png_fast, write_index
+from holst.data.builtin import (
+    add_package_build_arguments,
+    assign_split,
+    check_image_side,
+    prepare_out_dir,
+    render_svg,
+    require_rasteriser,
+    save_png_fast,
+    write_index,
+)
 from holst.data.images import DataReport
 from holst.data.packages import cache_dir, npm_pack, read_tgz_member, read_tgz_members
 from holst.utils.runtime import get_logger
@@ -297,15 +306,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-concepts", type=float, default=0.05, help="fraction of concepts held out entirely")
     parser.add_argument("--heldout-styles", type=float, default=0.1,
                         help="fraction of concepts with one style rendering held out")
-    parser.add_argument("--cache", default=None, help="package cache (default $HOLST_CACHE or ~/.cache/holst)")
-    parser.add_argument("--offline", action="store_true", help="use cached packages only")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    add_package_build_arguments(parser, offline_help="use cached packages only")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``holst data emoji``: build the emoji dataset; prints the counts as JSON."""
-    if args.size < 8:
-        raise SystemExit(f"--size={args.size} must be >= 8")
+    check_image_side(args.size)
     meta = build_emoji(args.out, size=args.size, styles=[s for s in args.styles.split(",") if s], skins=args.skins,
                        groups=args.groups.split(",") if args.groups else None, limit=args.limit, seed=args.seed,
                        heldout_concepts=args.heldout_concepts, heldout_styles=args.heldout_styles,

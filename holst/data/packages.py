@@ -27,6 +27,28 @@ def cache_dir(override: str | Path | None = None) -> Path:
     return path.expanduser()
 
 
+def _before_fetch(command: str, package: str, folder: Path, *, offline: bool, cached_at: Path, fix: str) -> None:
+    """Check that ``command`` (e.g. 'npm pack') may fetch ``package`` into ``folder`` now, and make the folder.
+
+    Args:
+        command: the client's command line start; its first word is the program looked up on PATH.
+        package: what is fetched, for messages, e.g. 'npm package emojibase-data@15.3.0'.
+        folder: the cache folder the client writes into.
+        offline: True: nothing may be fetched.
+        cached_at: where the package was looked for.
+        fix: how the user can provide the package instead, for the message.
+    Raises:
+        PackageError: ``offline`` is set, or the client is not installed.
+    """
+    program = command.split()[0]
+    if offline:
+        raise PackageError(f"{package} is not in the cache ({cached_at}) and offline=True")
+    if shutil.which(program) is None:
+        raise PackageError(f"{program} is not available; cannot fetch {package}. {fix}")
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s with %s into %s", package, command, folder)
+
+
 def npm_tarball_name(name: str, version: str) -> str:
     """The file name ``npm pack`` writes: '@scope/pkg' 1.0 -> 'scope-pkg-1.0.tgz'."""
     return f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
@@ -41,13 +63,8 @@ def npm_pack(name: str, version: str, cache: Path, *, offline: bool = False) -> 
     target = folder / npm_tarball_name(name, version)
     if target.is_file():
         return target
-    if offline:
-        raise PackageError(f"npm package {name}@{version} is not in the cache ({target}) and offline=True")
-    if shutil.which("npm") is None:
-        raise PackageError(f"npm is not installed; cannot fetch {name}@{version}. Install Node.js/npm "
-                           f"or put the tarball at {target}")
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("npm pack %s@%s -> %s", name, version, folder)
+    _before_fetch("npm pack", f"npm package {name}@{version}", folder, offline=offline, cached_at=target,
+                  fix=f"Install Node.js/npm or put the tarball at {target}")
     proc = subprocess.run(["npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", str(folder)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not target.is_file():
@@ -61,13 +78,8 @@ def apt_download(name: str, version: str, cache: Path, *, offline: bool = False)
     found = sorted(folder.glob(f"{name}_{version.replace(':', '%3a')}_*.deb")) if folder.is_dir() else []
     if found:
         return found[0]
-    if offline:
-        raise PackageError(f"Debian package {name}={version} is not in the cache ({folder}) and offline=True")
-    if shutil.which("apt-get") is None:
-        raise PackageError(f"apt-get is not available; cannot fetch {name}={version}. Download the .deb "
-                           f"(e.g. from packages.debian.org) into {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("apt-get download %s=%s -> %s", name, version, folder)
+    _before_fetch("apt-get download", f"Debian package {name}={version}", folder, offline=offline, cached_at=folder,
+                  fix=f"Download the .deb (e.g. from packages.debian.org) into {folder}")
     for attempt in range(2):
         proc = subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=folder,
                               capture_output=True, text=True, timeout=1800)

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from holst.data.builtin import assign_split, prepare_out_dir, render_svg, save_png_fast, write_index
+from holst.data.builtin import (
+    add_package_build_arguments,
+    assign_split,
+    check_image_side,
+    prepare_out_dir,
+    render_svg,
+    save_png_fast,
+    write_index,
+)
 from holst.data.images import BadSample, DataReport, decode_image, resize_crop
 from holst.data.packages import apt_download, cache_dir, extract_deb
 from holst.utils.runtime import get_logger
@@ -157,15 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N stamps (smoke tests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed held-out split")
     parser.add_argument("--heldout-concepts", type=float, default=0.05, help="fraction of stamps held out")
-    parser.add_argument("--cache", default=None, help="package cache (default $HOLST_CACHE or ~/.cache/holst)")
-    parser.add_argument("--offline", action="store_true", help="use the cached .deb only")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    add_package_build_arguments(parser, offline_help="use the cached .deb only")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``holst data tuxpaint``: build the Tux Paint dataset; prints the counts as JSON."""
-    if args.size < 8:
-        raise SystemExit(f"--size={args.size} must be >= 8")
+    check_image_side(args.size)
     meta = build_tuxpaint(args.out, size=args.size, limit=args.limit, seed=args.seed,
                           heldout_concepts=args.heldout_concepts, cache=args.cache, offline=args.offline,
                           overwrite=args.overwrite)

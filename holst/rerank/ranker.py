@@ -105,12 +105,12 @@ class ClipRanker:
     @property
     def device(self) -> torch.device:
         """Device of the CLIP's weights."""
-        return next(self.model.parameters()).device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the CLIP's weights."""
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
 
     @property
     def logit_scale(self) -> float:

@@ -1,7 +1,8 @@
 """The options of ``holst train <stage>``, beside the trainers that read them.
 
 ``TrainConfig`` is assembled from small typed parts, each validating its own fields:
-:class:`EngineOptions` (backend, precision, devices, loss scaling), :class:`OptimOptions`
+:class:`EngineOptions` (:class:`RuntimeOptions`: device, precision, threads, seed; then backend,
+loss scaling), :class:`OptimOptions`
 (optimizer, learning rate, clipping), :class:`ScheduleOptions` (steps, batch, warm-up + cosine) and
 :class:`LogOptions` (output, logging, checkpoints). A stage config is ``TrainConfig`` plus the
 stage's own fields (and :class:`ModelOptions`, the model to train, where the stage has presets);
@@ -19,6 +20,7 @@ import dataclasses
 from typing import Any
 
 from holst.config import ConfigBase, _check, check_bool, check_choice, check_int, check_positive, check_prob
+from holst.superres.config import RRDBOptions
 
 TRAIN_BACKENDS = ("auto", "single", "ddp", "fsdp", "deepspeed")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -36,22 +38,42 @@ def _none_for_minus_one(value: float | None) -> float | None:
 
 
 @dataclasses.dataclass
-class EngineOptions:
-    """How the engine runs the model (holst.train.engine).
+class RuntimeOptions:
+    """Where a run computes and from which seed: shared by every trainer and ``holst finetune``.
 
+    ``device``: 'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', ...
     ``precision='auto'``: bf16 autocast on GPUs that support it and on CPUs with native bf16
     (AVX512-BF16/AMX), fp16 with dynamic loss scaling on the other GPUs, fp32 on the other CPUs.
-    ``compile``: run the model under ``torch.compile`` (the first steps are slower while it compiles).
     ``num_threads`` 0 keeps PyTorch's CPU thread count.
     """
 
-    backend: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
     device: str = "auto"
-    seed: int = 0
-    gradient_checkpointing: bool = False
+    precision: str = "auto"
     num_threads: int = 0
+    seed: int = 0
+
+    def check_runtime_options(self) -> None:
+        """Raise ConfigError naming the first invalid device, precision, thread count or seed."""
+        _check(isinstance(self.device, str) and bool(self.device), f"device={self.device!r} must be a device name")
+        check_choice("precision", self.precision, TRAIN_PRECISIONS)
+        for name in ("num_threads", "seed"):
+            check_int(name, getattr(self, name), 0, 2**63 - 1)
+
+    def runtime_options(self) -> dict[str, Any]:
+        """The :class:`RuntimeOptions` fields as keyword arguments (e.g. to pass them on to a trainer's config)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RuntimeOptions)}
+
+
+@dataclasses.dataclass
+class EngineOptions(RuntimeOptions):
+    """How the engine runs the model (holst.train.engine): :class:`RuntimeOptions` plus the engine's own.
+
+    ``compile``: run the model under ``torch.compile`` (the first steps are slower while it compiles).
+    """
+
+    backend: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
     loss_scale_init: float = 2.0**16
     loss_scale_window: int = 400
     zero_stage: int = 2
@@ -61,12 +83,10 @@ class EngineOptions:
 
     def check_engine_options(self) -> None:
         """Raise ConfigError naming the first invalid engine option."""
+        self.check_runtime_options()
         check_choice("backend", self.backend, TRAIN_BACKENDS)
-        check_choice("precision", self.precision, TRAIN_PRECISIONS)
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_int("loss_scale_window", self.loss_scale_window, 1, 10**12)
-        for name in ("num_threads", "seed"):
-            check_int(name, getattr(self, name), 0, 2**63 - 1)
         for name in ("compile", "gradient_checkpointing", "fsdp_reshard_after_forward",
                      "ddp_find_unused_parameters", "ddp_broadcast_buffers"):
             check_bool(name, getattr(self, name))
@@ -382,7 +402,7 @@ class VQGANTrainConfig(ModelOptions, TrainConfig):
 
 
 @dataclasses.dataclass
-class SuperResTrainConfig(TrainConfig):
+class SuperResTrainConfig(RRDBOptions, TrainConfig):
     """``holst train superres``: fine-tune (``init_from``) or train an RRDBNet on (LR, HR) pairs made on the fly.
 
     HR = random ``hr_size`` crops of the images under ``data`` (read by holst.data, resized and
@@ -390,7 +410,8 @@ class SuperResTrainConfig(TrainConfig):
     degraded. ``degradation``: 'vqgan' round-trips LR through the VQGAN at ``vqgan`` (what the
     pipeline's decoder produces), 'classic' applies blur + noise + JPEG, 'auto' = 'vqgan' when
     ``vqgan`` is set, else 'classic'. ``classic_prob``: share of 'vqgan' batches degraded classically.
-    Without ``init_from``, the architecture fields below build a fresh model.
+    Without ``init_from``, the :class:`holst.superres.config.RRDBOptions` fields (``scale``, ``num_feat``,
+    ``num_block``, ``num_grow_ch``; the same names, defaults and limits as ``SuperResConfig``) build a fresh model.
     """
 
     # 'init' was this stage's name for the 'init_from' of the other stages.
@@ -406,10 +427,6 @@ class SuperResTrainConfig(TrainConfig):
     grad_clip: float = 0.0
     data: str = ""
     init_from: str = ""
-    scale: int = 4
-    num_feat: int = 64
-    num_block: int = 23
-    num_grow_ch: int = 32
     hr_size: int = 128
     image_size: int = 0
     degradation: str = "auto"
@@ -421,15 +438,11 @@ class SuperResTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from holst.superres.config import SUPERRES_SCALES
-
-        check_choice("scale", self.scale, SUPERRES_SCALES)
+        self.check_rrdb_options()
         check_choice("degradation", self.degradation, SUPERRES_DEGRADATIONS)
         _check(self.degradation != "vqgan" or bool(self.vqgan), "degradation='vqgan' needs vqgan=<VQGAN directory>")
-        for name in ("num_feat", "num_grow_ch", "hr_size"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   f"{name}={getattr(self, name)!r} must be a positive integer")
-        _check(isinstance(self.num_block, int) and self.num_block >= 0, f"num_block={self.num_block!r} must be >= 0")
+        _check(isinstance(self.hr_size, int) and self.hr_size > 0,
+               f"hr_size={self.hr_size!r} must be a positive integer")
         _check(isinstance(self.image_size, int) and (self.image_size == 0 or self.image_size >= self.hr_size),
                f"image_size={self.image_size!r} must be 0 (= hr_size) or an integer >= hr_size={self.hr_size}")
         unit = self.scale * {1: 4, 2: 2}.get(self.scale, 1)

@@ -42,6 +42,7 @@ import torch
 
 from holst.config import ConfigBase, ConfigError, _check, check_positive, check_prob
 from holst.errors import InputError
+from holst.train.config import RuntimeOptions
 from holst.utils.runtime import get_logger
 
 log = get_logger("holst.finetune")
@@ -69,8 +70,11 @@ class FinetuneError(InputError):
 
 
 @dataclasses.dataclass
-class FinetuneConfig(ConfigBase):
+class FinetuneConfig(RuntimeOptions, ConfigBase):
     """Options of ``holst finetune`` (0 / -1 = chosen from the model and the number of pictures).
+
+    :class:`holst.train.config.RuntimeOptions` (``device``, ``precision``, ``num_threads``, ``seed``)
+    are passed on to the transformer's trainer unchanged.
 
     ``steps``: optimiser steps (0 = ``steps_per_picture`` x pictures, clamped to [``min_steps``,
     ``max_steps``]). ``minutes`` > 0 caps the steps so that training fits that wall time (measured on
@@ -100,15 +104,12 @@ class FinetuneConfig(ConfigBase):
     prior_images: int = 64
     sample_every: int = -1
     sample_images: int = 4
-    device: str = "auto"
-    precision: str = "auto"
-    num_threads: int = 0
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        self.check_runtime_options()
         _check(isinstance(self.sample_every, int) and self.sample_every >= -1,
                f"sample_every={self.sample_every!r} must be an integer >= -1 (-1 = four grids per run)")
-        for name in ("steps", "num_threads", "seed", "warmup_steps", "prior_images"):
+        for name in ("steps", "warmup_steps", "prior_images"):
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name}={v!r} must be an integer >= 0")
         for name in ("steps_per_picture", "min_steps", "max_steps", "batch_size", "variants", "sample_images"):
@@ -370,11 +371,10 @@ def _train_config(cfg: FinetuneConfig, plan: dict, *, init_from: str, out: Path,
         init_from=init_from, out_dir=str(out), max_steps=plan["steps"], lr=plan["lr"],
         warmup_steps=min(cfg.warmup_steps, max(plan["steps"] // 5, 1)), batch_size=min(cfg.batch_size, n_items),
         lora_rank=plan["lora_rank"], freeze=list(cfg.freeze), loss_img_weight=cfg.loss_img_weight,
-        bpe_dropout=cfg.bpe_dropout, empty_caption_prob=cfg.empty_caption_prob, device=cfg.device,
-        precision=cfg.precision, seed=cfg.seed, log_every=max(5, plan["steps"] // 10), save_every=0,
+        bpe_dropout=cfg.bpe_dropout, empty_caption_prob=cfg.empty_caption_prob, **cfg.runtime_options(),
+        log_every=max(5, plan["steps"] // 10), save_every=0,
         sample_every=cfg.sample_every if cfg.sample_every >= 0 else max(1, math.ceil(plan["steps"] / 4)),
-        sample_prompts=[caption] * cfg.sample_images, tensorboard=False,
-        num_threads=cfg.num_threads, weight_decay=0.0)
+        sample_prompts=[caption] * cfg.sample_images, tensorboard=False, weight_decay=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- 4. the whole

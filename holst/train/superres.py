@@ -93,8 +93,7 @@ def build_model(cfg: SuperResTrainConfig) -> RRDBNet:
         if model.scale != cfg.scale:
             raise ConfigError(f"init_from={cfg.init_from!r} is an x{model.scale} model but scale={cfg.scale}")
         return model.train()
-    config = SuperResConfig(num_feat=cfg.num_feat, num_block=cfg.num_block, num_grow_ch=cfg.num_grow_ch,
-                            scale=cfg.scale)
+    config = SuperResConfig(**cfg.rrdb_options())
     return seeded(cfg.seed, lambda: RRDBNet(config).train())
 
 

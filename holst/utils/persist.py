@@ -112,6 +112,16 @@ class PretrainedMixin:
 
     config_class: type = None  # type: ignore[assignment]
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the module's weights (its first parameter)."""
+        return next(self.parameters()).device  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the module's weights (its first parameter)."""
+        return next(self.parameters()).dtype  # type: ignore[attr-defined]
+
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` (optionally cast to ``dtype``)."""
         directory = Path(directory)

@@ -102,6 +102,17 @@ class _Level(nn.Module):
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
 
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Each ResnetBlock (then its AttnBlock, where the level has attention), then the resampling conv."""
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                h = getattr(self, name)(h)
+        return h
+
 
 class _Mid(nn.Module):
     """``block_1`` -> ``attn_1`` -> ``block_2`` at the lowest resolution."""
@@ -154,12 +165,7 @@ class Encoder(nn.Module):
         """Images (B, in_channels, H, W) -> latents (B, z_channels or 2 * z_channels, H/f, W/f)."""
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
@@ -205,13 +211,7 @@ class Decoder(nn.Module):
         """Latents (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), unbounded (callers clamp)."""
         h = self.mid(self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
-            level = self.up[i_level]
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = self.up[i_level](h)
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
