@@ -361,12 +361,16 @@ class Text2ImagePipeline:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, N) codes -> (B, 3, H, W) float images in [0, 1].
 
-        One image at a time: batched convolutions may pick other kernels and change a pixel by one
-        level after rounding, and an image must come out byte-identical whatever it was made with.
+        In calls of exactly :meth:`decode_chunk` images (``VQGAN.decode_chunked``): an image comes out
+        byte-identical however many were made with it.
         """
         D = self.dalle.config.image_tokens_per_dim
         grids = codes.reshape(-1, D, D).to(self.device)  # (B, N) -> (B, D, D)
-        return torch.cat([self.vqgan.decode(g[None]).float().clamp(0, 1) for g in grids])
+        return self.vqgan.decode_chunked(grids, self.decode_chunk()).float().clamp(0, 1)
+
+    def decode_chunk(self) -> int:
+        """Images per VQGAN decode call: 8 on CUDA, 4 on a CPU (13 ms an image at 64 px vs 17 one at a time)."""
+        return 8 if self.device.type == "cuda" else 4
 
     def preview(self, codes_so_far: torch.Tensor) -> list[Image.Image]:
         """Partial codes (B, n) -> preview images: the finished rows decoded, the rest grey."""
@@ -417,7 +421,7 @@ class Text2ImagePipeline:
             logger.warning("upscale=%d: %s; using Lanczos resampling", factor,
                            "no super-resolution net" if sr is None else f"the super-resolution net is x{int(sr.scale)}")
             return lanczos_upscale(images, float(factor)).to(images.device)  # per image and channel (PIL)
-        # The net one image at a time, for the same reason as in decode().
+        # The net one image at a time: its kernels, like the VQGAN's (see decode()), depend on the batch size.
         return torch.cat([super_resolve(sr, im[None], factor).images for im in images])
 
     def finish(self, prompt: str, codes: torch.Tensor, seeds: list[int], settings: SamplingSettings, *,

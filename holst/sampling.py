@@ -707,14 +707,14 @@ class _DecodeSession:
         self.index = torch.arange(cfg.image_seq_length, device=w.device)  # step indices as 0-dim tensors
         self.fn: Callable[..., tuple[torch.Tensor, ...]] = self._step
         if mode == "compile":
-            # freezing: weights become constants of the compiled graph (packed for oneDNN on CPU), so
-            # the session key carries the weights' version counters (see _session)
+            # Freezing (see guards()): weights become constants of the compiled graph (bf16 linears
+            # packed for oneDNN on CPU), so the session key carries the weights' versions and addresses.
             # A private copy of the step's code object gives this session its own dynamo cache (one
             # entry), so skipping the guard checks after the first call (guards()) cannot pick another
             # session's graph.
             f = _DecodeSession._step
             own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-            self.fn = torch.compile(types.MethodType(own, self), dynamic=False, options={"freezing": True})
+            self.fn = torch.compile(types.MethodType(own, self), dynamic=False)
         self.calls = 0
         self.graph: _CudaGraphStep | None = None
 
@@ -780,9 +780,17 @@ class _DecodeSession:
         and objects, so only the differentiating guards run (a guard check costs about as much as a
         small model's whole step on CPU).
         """
-        if self.mode == "compile" and self.calls > 0:
-            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-        return contextlib.nullcontext()
+        if self.mode != "compile":
+            return contextlib.nullcontext()
+        from torch._inductor import config as inductor_config
+
+        stack = contextlib.ExitStack()
+        # torch.compile(options={"freezing": True}) does not reach inductor's freezing pass (torch 2.13:
+        # no weight packing happens); the config patch around the compiling call does.
+        stack.enter_context(inductor_config.patch(freezing=True))
+        if self.calls > 0:
+            stack.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+        return stack
 
 
 _SESSIONS_KEPT = 4  # compiled/graph sessions kept per model (least recently used dropped first)
@@ -796,7 +804,8 @@ def _session(model: DalleModel, rows: int, group: int, b: int, mode: str, top_k:
         return _DecodeSession(model, *args)
     w = model.image_embeddings.weight
     kept: dict = model.__dict__.setdefault("_holst_decode_sessions", {})
-    versions = tuple(p._version for p in model.parameters())  # bumped by in-place updates (optimizer steps)
+    # in-place updates (optimizer steps) bump versions; replaced tensors (load, .data =) change addresses
+    versions = tuple((p._version, p.data_ptr()) for p in model.parameters())
     # inference_mode changes what the compiled step may assume (a new compilation, so a new session)
     key = (*args, w.device, w.dtype, versions, torch.is_inference_mode_enabled())
     if key in kept:

@@ -95,3 +95,23 @@ def test_generated_images_show_their_concept(pipe):
     train, heldout = rates["train"], rates["heldout"]
     assert train[0] >= 0.6 and train[0] > 100 * train[1], rates  # issue 13: >= 30 % on training concepts
     assert heldout[0] >= 3 / 64 and heldout[0] > 10 * heldout[1], rates  # well above chance on held-out ones
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoded_pixels_do_not_depend_on_the_batch(pipe, threads):
+    """The VQGAN decodes in fixed chunks: an image's bytes are the same alone, in 3 or in 7 (2 threads
+    and a plain batch of 3 round some pixels differently from a batch of 2 on this CPU)."""
+    from holst.utils.images import tensor_to_pil
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        D = pipe.dalle.config.image_tokens_per_dim
+        g = torch.Generator().manual_seed(1)
+        codes = torch.randint(0, pipe.dalle.config.image_vocab_size, (7, D * D), generator=g)
+        together = [im.tobytes() for im in tensor_to_pil(pipe.decode(codes))]
+        three = [im.tobytes() for im in tensor_to_pil(pipe.decode(codes[:3]))]
+        alone = [tensor_to_pil(pipe.decode(c[None]))[0].tobytes() for c in codes]
+    finally:
+        torch.set_num_threads(before)
+    assert together == alone and three == alone[:3]

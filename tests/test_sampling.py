@@ -431,14 +431,26 @@ def test_compiled_step_same_codes_and_reused() -> None:
     model.init_weights(0.3)
     text = captions(model, 2)
     eager = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, **KW)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     a = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, free_cache=False, **KW)
     assert torch.equal(a, eager)
+    # freezing reached inductor: the weights became constants and the linears were packed
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
     kept = dict(model.__dict__["_holst_decode_sessions"])
     b = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, free_cache=False, **KW)
     assert torch.equal(b, eager) and list(kept.values()) == list(model.__dict__["_holst_decode_sessions"].values())
     with torch.inference_mode():  # the pipeline's mode: its own session, then back to the first one
         assert torch.equal(sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, **KW), eager)
     assert torch.equal(sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, **KW), eager)
+    # frozen weights are constants of the compiled graph: changed weights must get a new session
+    with torch.no_grad():
+        for p in model.transformer.parameters():
+            p.mul_(1.5)
+    changed = sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, **KW)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(sample_image_codes(model, text, seeds=[1, 2], guidance_scale=2.0, compile=True, **KW), changed)
     from holst.sampling import clear_decode_sessions
 
     clear_decode_sessions(model)

@@ -122,6 +122,27 @@ class VQGAN(nn.Module, PretrainedMixin):
         x = self.decode_latents(z_q)
         return (x.clamp(-1, 1) + 1) / 2
 
+    @torch.no_grad()
+    def decode_chunked(self, codes_grid: torch.Tensor, chunk: int) -> torch.Tensor:
+        """:meth:`decode` in calls of exactly ``chunk`` grids, the last padded with copies of its last grid.
+
+        Convolutions pick their kernels by batch size (on a 2-core Zen 4 a batch of 3 rounds some pixels
+        differently from a batch of 2 or 4), so with one call shape an image's pixels depend only on its
+        codes, however many images are decoded with it.
+
+        Args:
+            codes_grid: (B, h, w) or (B, h*w) long.
+            chunk: grids per decoder call.
+        Returns:
+            images (B, 3, h*F, w*F) float in [0, 1].
+        """
+        grids = self._as_grid(codes_grid)
+        n = grids.shape[0]
+        pad = -n % chunk
+        if pad:
+            grids = torch.cat([grids, grids[-1:].expand(pad, *grids.shape[1:])])  # (ceil(B / chunk) * chunk, h, w)
+        return torch.cat([self.decode(part) for part in grids.split(chunk)])[:n]
+
     def _as_grid(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.dim() == 2:  # (B, N) -> (B, sqrt N, sqrt N)
             side = int(round(codes.shape[1] ** 0.5))
