@@ -10,10 +10,13 @@ one at a time, in this order:
 
 - CPU (default preset emoji, the shipped model, batch 32): fp32 with the reference's explicit
   'math' attention and the loss over the full fp32 logits (the baseline), then + sdpa, + bf16
-  autocast, + block-sparse attention ('sparse'), + the lean loss, + ``torch.compile``.
+  autocast, + block-sparse attention ('sparse'), + the lean loss, + holst's dropout (four 16-bit
+  fields from one 64-bit draw instead of torch's one bernoulli draw an element; the rows before
+  run torch's), + ``torch.compile``.
 - GPU (default preset malevich, batch 8): the reference's set-up (fp16 + loss scaling, 'math',
   full fp32 logits; reference fp16 step 26.8k tokens/s at batch 8 on an H100), then bf16 + sdpa,
-  + sparse, + lean loss, + compile, and the last one again with activation checkpointing.
+  + sparse, + lean loss, + compile, and the last one again with activation checkpointing (on CUDA
+  holst's dropout is torch's).
 
     .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,...]
     .venv/bin/python bench/train.py --variants gpu --preset tiny --batch 4   # the GPU list, smoke-tested on a CPU
@@ -24,13 +27,16 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from holst.config import TrainConfig
 from holst.dalle import DalleModel
@@ -47,6 +53,7 @@ class Variant:
     attn_impl: str
     precision: str
     lean_loss: bool = False
+    fast_dropout: bool = False
     compile: bool = False
     checkpointing: bool = False
 
@@ -57,7 +64,8 @@ CPU_VARIANTS = [
     Variant("+ bf16 autocast", "sdpa", "bf16"),
     Variant("+ block-sparse attention", "sparse", "bf16"),
     Variant("+ lean loss", "sparse", "bf16", lean_loss=True),
-    Variant("+ torch.compile", "sparse", "bf16", lean_loss=True, compile=True),
+    Variant("+ cheap dropout bits", "sparse", "bf16", lean_loss=True, fast_dropout=True),
+    Variant("+ torch.compile", "sparse", "bf16", lean_loss=True, fast_dropout=True, compile=True),
 ]
 GPU_VARIANTS = [
     Variant("baseline: reference set-up, fp16 + loss scaling, explicit attention, full fp32 logits", "math", "fp16"),
@@ -67,6 +75,32 @@ GPU_VARIANTS = [
     Variant("+ torch.compile", "sparse", "bf16", lean_loss=True, compile=True),
     Variant("+ activation checkpointing", "sparse", "bf16", lean_loss=True, compile=True, checkpointing=True),
 ]
+
+
+@contextlib.contextmanager
+def torch_dropout(model: DalleModel, enabled: bool) -> Iterator[None]:
+    """While open (if ``enabled``), the model's dropouts are torch's (``nn.Dropout`` / ``F.dropout``:
+    one bernoulli draw an element) instead of holst's 16-bit-field dropout (holst/dalle/dropout.py)."""
+    if not enabled:
+        yield
+        return
+    import holst.dalle.attention as attention
+    from holst.dalle.dropout import Dropout
+
+    swapped = []
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, Dropout):
+                setattr(module, name, torch.nn.Dropout(child.p))
+                swapped.append((module, name, child))
+    fast = attention.dropout
+    attention.dropout = lambda x, p, training: F.dropout(x, p, training) if p > 0 else x
+    try:
+        yield
+    finally:
+        attention.dropout = fast
+        for module, name, child in swapped:
+            setattr(module, name, child)
 
 
 def _sync(device: torch.device) -> None:
@@ -95,55 +129,62 @@ def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, 
         torch.manual_seed(0)
         bare = DalleModel(config, attn_impl=v.attn_impl)
         bare.gradient_checkpointing = v.checkpointing
-        model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
-        scheduler = build_scheduler(optimizer, cfg)
-        model.train()
-        g = torch.Generator().manual_seed(0)
-        text = torch.randint(4, config.bpe_vocab_size, (batch, config.text_seq_length), generator=g)
-        image = torch.randint(0, config.image_vocab_size, (batch, config.image_seq_length), generator=g)
-        ids = torch.cat([text, image], 1).to(engine.device)  # (B, T + N)
-        rss0 = _peak_rss_mb()
-        if engine.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        with torch_dropout(bare, not v.fast_dropout):
+            return _time_steps(engine, cfg, bare, config, batch, steps, warmup, v)
 
-        def step() -> float:
-            with engine.autocast():
-                if v.lean_loss:
-                    loss, _ = model(ids, return_loss=True)
-                else:
-                    loss = full_logits_loss(bare, model, ids)
-            engine.step(loss, optimizer, scheduler, model=model)
-            return loss.detach()
 
-        t_warm = time.perf_counter()
-        for _ in range(warmup):
-            step()
+def _time_steps(engine: Engine, cfg: TrainConfig, bare: DalleModel, config, batch: int, steps: int, warmup: int,
+                v: Variant) -> dict:
+    """Prepare ``bare`` through the engine and time its optimizer steps (see :func:`bench_variant`)."""
+    model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
+    scheduler = build_scheduler(optimizer, cfg)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(4, config.bpe_vocab_size, (batch, config.text_seq_length), generator=g)
+    image = torch.randint(0, config.image_vocab_size, (batch, config.image_seq_length), generator=g)
+    ids = torch.cat([text, image], 1).to(engine.device)  # (B, T + N)
+    rss0 = _peak_rss_mb()
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> float:
+        with engine.autocast():
+            if v.lean_loss:
+                loss, _ = model(ids, return_loss=True)
+            else:
+                loss = full_logits_loss(bare, model, ids)
+        engine.step(loss, optimizer, scheduler, model=model)
+        return loss.detach()
+
+    t_warm = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(engine.device)
+    warmup_s = time.perf_counter() - t_warm
+    times, cpu_times = [], []
+    for _ in range(steps):
         _sync(engine.device)
-        warmup_s = time.perf_counter() - t_warm
-        times, cpu_times = [], []
-        for _ in range(steps):
-            _sync(engine.device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            last = step()
-            _sync(engine.device)
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-        median = sorted(times)[len(times) // 2]
-        cpu_median = sorted(cpu_times)[len(cpu_times) // 2]
-        tokens = batch * ids.shape[1]
-        if engine.device.type == "cuda":
-            mem = {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
-        else:
-            mem = {"peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}
-        result = {**asdict(v), "precision": engine.precision, "step_s": round(median, 4),
-                  "tokens_per_s": round(tokens / median, 1), "warmup_s": round(warmup_s, 1),
-                  # CPU seconds of this process per step (all threads): less sensitive to other load on a CPU box
-                  "process_cpu_s": round(cpu_median, 4), **mem, "loss": round(float(last), 4),
-                  "skipped_steps": engine.skipped_steps}
-        engine.close()
-        if engine.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return result
+        t0, c0 = time.perf_counter(), time.process_time()
+        last = step()
+        _sync(engine.device)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    median = sorted(times)[len(times) // 2]
+    cpu_median = sorted(cpu_times)[len(cpu_times) // 2]
+    tokens = batch * ids.shape[1]
+    if engine.device.type == "cuda":
+        mem = {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    else:
+        mem = {"peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}
+    result = {**asdict(v), "precision": engine.precision, "step_s": round(median, 4),
+              "tokens_per_s": round(tokens / median, 1), "warmup_s": round(warmup_s, 1),
+              # CPU seconds of this process per step (all threads): less sensitive to other load on a CPU box
+              "process_cpu_s": round(cpu_median, 4), **mem, "loss": round(float(last), 4),
+              "skipped_steps": engine.skipped_steps}
+    engine.close()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def add_ratios(rows: list[dict]) -> None:

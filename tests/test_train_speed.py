@@ -70,18 +70,29 @@ def test_sparse_attention_equals_dense_masked_attention(kind, T, D):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_sparse_attention_dropout_drops_and_rescales():
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_attention_dropout_drops_and_rescales(kernel):
+    """Attention dropout in training: the block-sparse kernel, and the dense (sdpa) one, which on a CPU
+    writes the scores out for holst's dropout; eval mode and p = 0 are the plain kernels."""
+    from holst.dalle.attention import attention_sdpa
+
     T, D = 6, 4
-    layout = sparse_layout(build_mask("row", T, D), T, D)
+    if kernel == "sparse":
+        layout = sparse_layout(build_mask("row", T, D), T, D)
+        attend = lambda q, k, v, **kw: attention_sparse(q, k, v, layout, **kw)  # noqa: E731
+    else:
+        mask = build_mask("conv", T, D)
+        attend = lambda q, k, v, **kw: attention_sdpa(q, k, v, mask, **kw)  # noqa: E731
     q, k, v = qkv(4, 2, T + D * D, 8)
     v_ones = torch.ones_like(v)
     torch.manual_seed(0)
-    dropped = attention_sparse(q, k, v_ones, layout, dropout_p=0.5, training=True)
+    dropped = attend(q, k, v_ones, dropout_p=0.5, training=True)
     # with v = 1 each output is the sum of the kept probabilities x 2: some rows lose mass, some gain
     assert not torch.allclose(dropped, torch.ones_like(dropped))
     assert dropped.mean().item() == pytest.approx(1.0, abs=0.1)
-    assert torch.equal(attention_sparse(q, k, v, layout, dropout_p=0.5, training=False),
-                       attention_sparse(q, k, v, layout))
+    plain = attend(q, k, v)
+    assert torch.equal(attend(q, k, v, dropout_p=0.5, training=False), plain)
+    torch.testing.assert_close(attend(q, k, v, dropout_p=0.0, training=True), plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
@@ -240,3 +251,41 @@ def test_tiny_model_learns_as_well_in_bf16_autocast_as_in_fp32(tmp_path):
     assert fp32[0] > 3.5 and bf16[0] > 3.5  # ~ln(64) at the start
     assert fp32[-1] < 0.3  # the images are memorised given their captions
     assert bf16[-1] < max(0.3, fp32[-1] + 0.1)  # and as well under bf16 autocast
+
+
+# ---------------------------------------------------------------------------------------------- dropout
+def test_cpu_dropout_rate_scale_gradient_and_independence():
+    from holst.dalle.dropout import dropout, quantized_p
+
+    p = quantized_p(0.1)
+    assert p == 6554 / 65536
+    x = torch.ones(1 << 20, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    # 2**20 draws: the drop rate is within 5 standard deviations (0.0015) of p
+    assert abs((~kept).float().mean().item() - p) < 1.5e-3
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p)))  # one exact scale
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))
+    # the four fields of one 64-bit draw are independent: neighbours drop together at rate p**2
+    both = (~kept[:-1] & ~kept[1:]).float().mean().item()
+    assert abs(both - p * p) < 5e-4
+    in_draw = (~kept).view(-1, 4).float()
+    assert abs((in_draw[:, 3].mean() - p).item()) < 3e-3  # the top field keeps its 16 random bits
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.detach(), 0.1), y.detach())  # torch's seed makes it reproducible
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_model_dropouts_are_holst_dropout_without_state():
+    from holst.dalle.dropout import Dropout
+
+    c = get_preset("tiny")
+    model = DalleModel(c)
+    kinds = [m for m in model.modules() if isinstance(m, torch.nn.Dropout | Dropout)]
+    assert kinds and all(isinstance(m, Dropout) for m in kinds)
+    assert not any(".dropout" in k or "output_dropout" in k for k in model.state_dict())
+    with pytest.raises(ValueError):
+        Dropout(1.5)

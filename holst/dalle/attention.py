@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from holst.dalle.dropout import Dropout, dropout
+
 FP16_MAX = 65504.0  # the reference clamps attention outputs to the fp16 range (commit 3c6a6be)
 PB_RELAX_ALPHA = 32.0
 MASKED_SCORE = -10000.0  # the reference's masking value (not -inf)
@@ -69,8 +71,13 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """Fused attention: same softmax(q k^T / sqrt(hd)) over visible keys, max-subtracted per row.
 
     PB-relax only shifts each row by a constant, which fused kernels already do; masked keys get
-    probability exactly 0 here and exp(-10000 - max) ~ 0 in the reference.
+    probability exactly 0 here and exp(-10000 - max) ~ 0 in the reference. With attention dropout in
+    training on a CPU the scores are written out (torch's CPU kernel draws one bernoulli number a
+    probability, :mod:`holst.dalle.dropout` a quarter of a 64-bit draw).
     """
+    if training and dropout_p > 0 and q.device.type == "cpu":
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, nh, S, K]
+        return _masked_softmax(scores, mask, dropout_p, training) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
 
 
@@ -151,9 +158,7 @@ def sparse_layout(mask: torch.Tensor, T: int, D: int, max_fraction: float = 0.75
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor:
     """softmax over visible keys (fp32 accumulation), then attention dropout; same dtype as ``scores``."""
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(scores.dtype)
-    if dropout_p > 0 and training:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs
+    return dropout(probs, dropout_p, training)
 
 
 def attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SparseLayout,
@@ -216,7 +221,7 @@ class DalleSelfAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.query_key_value = nn.Linear(hidden_size, 3 * hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
-        self.output_dropout = nn.Dropout(output_dropout)
+        self.output_dropout = Dropout(output_dropout)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, S, H] -> q, k, v each [B, nh, S, hd]."""

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from holst.dalle.attention import ATTN_IMPLS, DalleSelfAttention, SparseLayout, sparse_layout
 from holst.dalle.cache import KVCache, LayerKV
 from holst.dalle.config import DalleConfig
+from holst.dalle.dropout import Dropout
 from holst.dalle.masks import build_layer_masks, layer_mask_kind
 from holst.utils.persist import PretrainedMixin
 
@@ -41,7 +42,7 @@ class DalleMLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(hidden_size, ratio * hidden_size)
         self.dense_4h_to_h = nn.Linear(ratio * hidden_size, hidden_size)
         self.act = gelu_fn(activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, H] -> [B, S, H]."""

@@ -71,13 +71,12 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
         raise ConfigError("no trainable parameters: every parameter is frozen (check the 'freeze' option)")
     for g in groups:
         g.pop("names")
-    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     name = getattr(cfg, "optimizer", "adamw")
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        # fused kernels on CUDA; foreach (multi-tensor) on CPU, both much faster than the loop.
-        kwargs = {"fused": True} if on_cuda else {"foreach": True}
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+        # The fused kernel on CUDA and on CPUs: for the 16M-parameter emoji model on 2 cores 11 ms a
+        # step, against 60 ms with foreach (which on a CPU loops over the tensors) and 46 ms plain.
+        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0])
     raise ValueError(f"optimizer={name!r} is not allowed; choose one of ['adamw', 'adam', 'sgd']")
