@@ -4,7 +4,8 @@ Flags derived from config dataclasses, the runtime flags, the one pipeline loade
 output-folder check.
 
 Flags come from dataclass fields: ``--top-k`` is the field ``top_k``, its type the field's, its help
-the field's ``metadata["help"]`` (for :class:`holst.sampling.SamplingSettings` also its range). The
+the field's ``metadata["help"]`` (for :class:`holst.sampling.SamplingSettings` also its range; ``{default}``
+in it is the field's default, ``{other_field}`` that field's), its choices ``metadata["choices"]``. The
 default of a derived flag is ``None`` ("not given"), so that a value left out falls back to the
 layer below (pipeline.json, a YAML config) instead of to a second copy of the default here.
 """
@@ -60,7 +61,11 @@ def _help(cls: type, field: dataclasses.Field) -> str:
 
     if cls is SamplingSettings:
         return setting_help(field.name)
-    return field.metadata.get("help", "")
+    text = field.metadata.get("help", "")
+    for other in dataclasses.fields(cls):  # "{default}" = this field's default, "{min_steps}" = that field's
+        if other.default is not dataclasses.MISSING:
+            text = text.replace("{" + other.name + "}", str(other.default))
+    return text.replace("{default}", str(field.default))
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
@@ -87,9 +92,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
             parser.add_argument(*spellings, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=text + default_note)
         else:
-            parser.add_argument(*spellings, dest=name, type=kind, default=None,
-                                metavar="INT" if kind is int else "NUM" if kind is float else "TEXT",
-                                help=text + default_note)
+            choices = field.metadata.get("choices")
+            parser.add_argument(*spellings, dest=name, type=kind, default=None, choices=choices,
+                                metavar=None if choices else "INT" if kind is int else "NUM" if kind is float
+                                else "TEXT", help=text + default_note)
 
 
 def given_values(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> dict[str, Any]:

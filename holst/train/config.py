@@ -47,10 +47,10 @@ class RuntimeOptions:
     ``num_threads`` 0 keeps PyTorch's CPU thread count.
     """
 
-    device: str = "auto"
-    precision: str = "auto"
-    num_threads: int = 0
-    seed: int = 0
+    device: str = dataclasses.field(default="auto", metadata={"help": "cpu, cuda, cuda:1, auto (default auto)"})
+    precision: str = dataclasses.field(default="auto", metadata={"help": "fp32, bf16, fp16, auto (default auto)"})
+    num_threads: int = dataclasses.field(default=0, metadata={"help": "torch CPU threads (default: torch's)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the run (default {default})"})
 
     def check_runtime_options(self) -> None:
         """Raise ConfigError naming the first invalid device, precision, thread count or seed."""

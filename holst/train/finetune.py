@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from holst.cli_common import add_dataclass_arguments, given_values
 from holst.config import ConfigBase, ConfigError, _check, check_positive, check_prob
 from holst.errors import InputError
 from holst.train.config import RuntimeOptions
@@ -86,23 +87,31 @@ class FinetuneConfig(RuntimeOptions, ConfigBase):
     captions keep working. ``sample_every``: a sample grid every N steps (-1 = four per run, 0 = none).
     """
 
-    steps: int = 0
+    steps: int = dataclasses.field(default=0, metadata={
+        "help": "training steps (default: {steps_per_picture} per picture, {min_steps}..{max_steps})"})
     steps_per_picture: int = 8
     min_steps: int = 80
     max_steps: int = 400
-    minutes: float = 0.0
-    lora_rank: int = -1
-    lr: float = 0.0
-    batch_size: int = 16
+    minutes: float = dataclasses.field(default=0.0, metadata={"help": "at most this wall time for training"})
+    lora_rank: int = dataclasses.field(default=-1, metadata={
+        "help": "LoRA rank; 0 = full fine-tune (default: LoRA 16 above 100M parameters, else full)"})
+    lr: float = dataclasses.field(default=0.0, metadata={"help": "learning rate (default 1e-3 full, 2e-3 LoRA)"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "default {default}"})
     warmup_steps: int = 10
-    variants: int = 4
-    flip: str = "auto"
+    variants: int = dataclasses.field(default=4, metadata={
+        "help": "augmented encodings per picture (default {default})"})
+    flip: str = dataclasses.field(default="auto", metadata={
+        "help": "mirrored copies (auto: not when the caption names a side, letter, digit or text)",
+        "choices": ("auto", "yes", "no")})
     loss_img_weight: float = -1.0
     bpe_dropout: float = 0.1
     empty_caption_prob: float = 0.1
     freeze: list[str] = dataclasses.field(default_factory=list)
-    prior_images: int = 64
-    sample_every: int = -1
+    prior_images: int = dataclasses.field(default=64, metadata={
+        "help": "pictures of everyday captions drawn by the base model and mixed in so that other captions keep "
+                "working (default {default}; 0 = off)"})
+    sample_every: int = dataclasses.field(default=-1, metadata={
+        "help": "sample grid of the caption every N steps in OUT/samples (default: 4 per run; 0 = off)"})
     sample_images: int = 4
 
     def __post_init__(self) -> None:
@@ -492,36 +501,21 @@ def _assemble(pipe: Any, out: Path, final_dir: Path, pictures: Pictures, plan: d
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+# The FinetuneConfig fields that are flags (default None = not given: the dataclass default applies), and the
+# spellings that differ from the field names.
+FINETUNE_FLAGS = ("steps", "lora_rank", "minutes", "lr", "batch_size", "variants", "flip", "sample_every",
+                  "prior_images", "device", "precision", "num_threads", "seed")
+FINETUNE_SPELLINGS = {"lora_rank": ["--lora"], "num_threads": ["--threads"]}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``holst finetune`` options."""
-    d = FinetuneConfig()
+    """``holst finetune`` options (those after ``--caption`` are :class:`FinetuneConfig` fields)."""
     parser.add_argument("images", help="folder of pictures: same-named .txt captions, a captions.jsonl, or "
                                        "any pictures with --caption")
     parser.add_argument("--model", default="models/default", help="base pipeline directory (default models/default)")
     parser.add_argument("--out", required=True, help="new pipeline directory (must not exist)")
     parser.add_argument("--caption", default=None, help="one caption for every picture")
-    parser.add_argument("--steps", type=int, default=d.steps,
-                        help=f"training steps (default: {d.steps_per_picture} per picture, "
-                             f"{d.min_steps}..{d.max_steps})")
-    parser.add_argument("--lora", type=int, default=d.lora_rank,
-                        help="LoRA rank; 0 = full fine-tune (default: LoRA 16 above 100M parameters, else full)")
-    parser.add_argument("--minutes", type=float, default=d.minutes, help="at most this wall time for training")
-    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (default 1e-3 full, 2e-3 LoRA)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    parser.add_argument("--variants", type=int, default=d.variants,
-                        help=f"augmented encodings per picture (default {d.variants})")
-    parser.add_argument("--flip", default=d.flip, choices=("auto", "yes", "no"),
-                        help="mirrored copies (auto: not when the caption names a side, letter, digit or text)")
-    parser.add_argument("--sample-every", type=int, default=d.sample_every,
-                        help="sample grid of the caption every N steps in OUT/samples (default: 4 per run; 0 = off)")
-    parser.add_argument("--prior-images", type=int, default=d.prior_images,
-                        help=f"pictures of everyday captions drawn by the base model and mixed in so that other "
-                             f"captions keep working (default {d.prior_images}; 0 = off)")
-    parser.add_argument("--device", default=d.device, help="cpu, cuda, auto (default auto)")
-    parser.add_argument("--precision", default=d.precision, help="fp32, bf16, fp16, auto (default auto)")
-    parser.add_argument("--threads", type=int, default=d.num_threads, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    add_dataclass_arguments(parser, FinetuneConfig, FINETUNE_FLAGS, flags=FINETUNE_SPELLINGS)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -534,16 +528,13 @@ def main(args: argparse.Namespace) -> int:
             raise FinetuneError("the caption is empty: describe the pictures, e.g. --caption 'мой рыжий кот'")
     if not Path(args.images).is_dir():
         raise FinetuneError(f"{args.images} is not a folder of pictures")
-    cfg = FinetuneConfig(steps=args.steps, lora_rank=args.lora, minutes=args.minutes, lr=args.lr,
-                         batch_size=args.batch_size, variants=args.variants, flip=args.flip,
-                         device=args.device, precision=args.precision, num_threads=args.threads, seed=args.seed,
-                         sample_every=args.sample_every, prior_images=args.prior_images)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(**given_values(args, FINETUNE_FLAGS))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     from holst.pipeline import Text2ImagePipeline
     from holst.utils.runtime import resolve_device
 
-    pipe = Text2ImagePipeline.from_pretrained(args.model, device=resolve_device(args.device))
+    pipe = Text2ImagePipeline.from_pretrained(args.model, device=resolve_device(cfg.device))
     if args.caption is not None:
         check_caption(pipe, args.caption)
     pictures = load_pictures(args.images, pipe.image_size, caption=args.caption)
