@@ -22,7 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from holst.cli_common import add_runtime_arguments, add_sampling_arguments, check_sampling_flags, given_values
+from holst.cli_common import (
+    add_dataclass_arguments,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    check_sampling_flags,
+    given_values,
+)
 from holst.cli_common import load_pipeline as _load_pipeline
 from holst.config import EvalConfig
 from holst.errors import InputError
@@ -35,6 +41,22 @@ log = get_logger("holst.eval")
 EVAL_SAMPLING = ("top_k", "top_p", "temperature", "guidance_scale", "batch_size")
 
 
+# The EvalConfig fields that are flags (default None = not given: EvalConfig's default applies). Hand-written:
+# --batch-size (its dest is eval_batch_size, beside the SamplingSettings batch_size of --sample-batch-size),
+# --lang (the choices differ per report) and recognise's --num-captions (its own default, 16).
+EVAL_FLAGS = ("seed", "split", "fd", "fd_resolution", "num_captions", "num_images", "candidates", "limit",
+              "grid_rows")
+EVAL_SPELLINGS = {"num_images": ["--num-images", "-n"]}
+
+
+def _config_flags(parser: argparse.ArgumentParser, *names: str, helps: dict[str, str] | None = None) -> None:
+    add_dataclass_arguments(parser, EvalConfig, names, flags=EVAL_SPELLINGS, helps=helps)
+
+
+def _lang(parser: argparse.ArgumentParser, choices: tuple[str, ...] = ("ru", "en")) -> None:
+    parser.add_argument("--lang", default=EvalConfig().lang, choices=choices, help="caption language (default ru)")
+
+
 def _common(parser: argparse.ArgumentParser, name: str) -> None:
     d = EvalConfig()
     parser.add_argument("--model", required=True,
@@ -45,36 +67,28 @@ def _common(parser: argparse.ArgumentParser, name: str) -> None:
     add_runtime_arguments(parser, device="cpu", dtype="fp32")  # reports compare like with like: CPU fp32 by default
     parser.add_argument("--batch-size", dest="eval_batch_size", type=int, default=d.batch_size,
                         help=f"images per forward (default {d.batch_size})")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seeds caption choice, sampling and distractors")
+    _config_flags(parser, "seed")
     if name not in ("shapes", "recognise"):
-        parser.add_argument("--split", default=d.split, help="held-out split: test, test_concept, test_style "
-                                                             f"(default {d.split})")
+        _config_flags(parser, "split")
     if name in ("vqgan", "pipeline"):
-        parser.add_argument("--no-fd", action="store_true", help="skip the FD-EffLite0 distance")
-        parser.add_argument("--fd-resolution", type=int, default=d.fd_resolution,
-                            help=f"images are resized to this for FD-EffLite0 (default {d.fd_resolution})")
+        _config_flags(parser, "fd", "fd_resolution")
         parser.add_argument("--cache-dir", default=None, help="reference statistics cache "
                                                               "(default $HOLST_CACHE/eval-stats)")
 
 
 def _sampling(parser: argparse.ArgumentParser) -> None:
-    d = EvalConfig()
-    parser.add_argument("--num-captions", type=int, default=d.num_captions,
-                        help=f"held-out captions / specs to generate for, 0 = all (default {d.num_captions})")
-    parser.add_argument("--num-images", "-n", type=int, default=d.num_images,
-                        help=f"images per caption (default {d.num_images})")
-    parser.add_argument("--lang", default=d.lang, choices=("ru", "en"), help="caption language (default ru)")
+    _config_flags(parser, "num_captions", "num_images")
+    _lang(parser)
     add_sampling_arguments(parser, EVAL_SAMPLING, flags={"batch_size": ["--sample-batch-size"]})
-    parser.add_argument("--grid-rows", type=int, default=EvalConfig().grid_rows, help="captions shown in the grid")
+    _config_flags(parser, "grid_rows")
 
 
 def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
     """Options of ``holst eval <name>``."""
     _common(parser, name)
-    d = EvalConfig()
     if name == "vqgan":
         parser.add_argument("--data", required=True, help="dataset folder with a split column (e.g. data/default)")
-        parser.add_argument("--limit", type=int, default=0, help="at most this many held-out images (0 = all)")
+        _config_flags(parser, "limit")
         parser.add_argument("--size", type=int, default=None, help="encoder input size (default: the VQGAN's)")
     elif name == "dalle":
         parser.add_argument("--data", default=None, help="dataset folder; held-out images are encoded with the VQGAN")
@@ -82,14 +96,12 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
                             help="held-out code shards instead (holst prepare codes --split test)")
         parser.add_argument("--tokenizer", default=None, help="tokenizer dir / bpe.model (if --model is a dalle dir)")
         parser.add_argument("--vqgan", default=None, help="VQGAN dir (if --model is a dalle dir and --data is used)")
-        parser.add_argument("--lang", default=d.lang, choices=("ru", "en", "both"),
-                            help="caption language (default ru)")
-        parser.add_argument("--limit", type=int, default=0, help="at most this many held-out pairs (0 = all)")
+        _lang(parser, ("ru", "en", "both"))
+        _config_flags(parser, "limit", helps={"limit": "at most this many held-out pairs (0 = all)"})
     elif name == "pipeline":
         parser.add_argument("--data", required=True, help="dataset folder with a split column (e.g. data/default)")
         _sampling(parser)
-        parser.add_argument("--candidates", type=int, default=d.candidates,
-                            help=f"captions per R-precision query (default {d.candidates})")
+        _config_flags(parser, "candidates")
     elif name == "recognise":
         parser.add_argument("--data", default=None, help="dataset folder with concept + split columns (all its images "
                                                          "are the real reference), e.g. data/default")
@@ -101,14 +113,13 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
                             help="dimensions kept by --save-reference (default 128)")
         parser.add_argument("--num-captions", type=int, default=16,
                             help="captions per group (training / held-out concepts), 0 = all (default 16)")
-        parser.add_argument("--num-images", "-n", type=int, default=d.num_images,
-                            help=f"images per caption (default {d.num_images})")
-        parser.add_argument("--lang", default=d.lang, choices=("ru", "en"), help="caption language (default ru)")
+        _config_flags(parser, "num_images")
+        _lang(parser)
         parser.add_argument("--neighbours", type=int, default=5, help="nearest real images looked at (default 5)")
-        parser.add_argument("--fd-resolution", type=int, default=d.fd_resolution,
-                            help=f"images are resized to this for EfficientNet-Lite0 (default {d.fd_resolution})")
+        _config_flags(parser, "fd_resolution", helps={
+            "fd_resolution": "images are resized to this for EfficientNet-Lite0 (default 224)"})
         parser.add_argument("--cache-dir", default=None, help="feature cache (default $HOLST_CACHE/eval-stats)")
-        parser.add_argument("--grid-rows", type=int, default=d.grid_rows, help="captions shown per grid")
+        _config_flags(parser, "grid_rows", helps={"grid_rows": "captions shown per grid"})
     elif name == "shapes":
         parser.add_argument("--data", default=None, help="shapes dataset folder whose held-out rows give the specs "
                                                          "(default: the default hold-out combinations)")
@@ -118,14 +129,8 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
-    d = EvalConfig()
-    return EvalConfig(split=getattr(args, "split", d.split), lang=getattr(args, "lang", d.lang),
-                      num_captions=getattr(args, "num_captions", d.num_captions),
-                      num_images=getattr(args, "num_images", d.num_images),
-                      candidates=getattr(args, "candidates", d.candidates), fd=not getattr(args, "no_fd", False),
-                      fd_resolution=getattr(args, "fd_resolution", d.fd_resolution),
-                      limit=getattr(args, "limit", d.limit), batch_size=args.eval_batch_size,
-                      grid_rows=getattr(args, "grid_rows", d.grid_rows), seed=args.seed)
+    """EvalConfig from the flags given (ConfigError naming the first bad one); the rest its defaults."""
+    return EvalConfig(**given_values(args, (*EVAL_FLAGS, "lang")), batch_size=args.eval_batch_size)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -167,7 +172,7 @@ def _components(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return vqgan, dalle, _load_tokenizer(args.tokenizer)
 
 
-def _recognise(args: argparse.Namespace) -> dict:
+def _recognise(args: argparse.Namespace, cfg: EvalConfig) -> dict:
     """``holst eval recognise``: build or load the real reference, then the report (flat headline keys added)."""
     from holst.eval.features import EffLite0Features
     from holst.eval.recognise import RealReference, eval_recognise, load_reference
@@ -177,18 +182,18 @@ def _recognise(args: argparse.Namespace) -> dict:
     if args.save_reference and args.data is None:
         raise InputError("--save-reference needs --data")
     pipe = _load_pipeline(args.model, args.device, args.dtype)
-    net = EffLite0Features(args.fd_resolution).eval().to(pipe.device)
+    net = EffLite0Features(cfg.fd_resolution).eval().to(pipe.device)
     if args.data is not None:
-        reference = load_reference(args.data, net, size=pipe.image_size, batch_size=args.eval_batch_size,
+        reference = load_reference(args.data, net, size=pipe.image_size, batch_size=cfg.batch_size,
                                    cache_dir=args.cache_dir)
         if args.save_reference:
             reference.compact(args.reference_dim).save(args.save_reference)
             print(f"compact reference ({args.reference_dim} dims) written to {args.save_reference}", file=sys.stderr)
     else:
         reference = RealReference.load(args.reference)
-    report = eval_recognise(pipe, reference, args.out, net, num_captions=args.num_captions,
-                            num_images=args.num_images, seed=args.seed, lang=args.lang, k=args.neighbours,
-                            grid_rows=args.grid_rows, batch_size=args.eval_batch_size)
+    report = eval_recognise(pipe, reference, args.out, net, num_captions=cfg.num_captions,
+                            num_images=cfg.num_images, seed=cfg.seed, lang=cfg.lang, k=args.neighbours,
+                            grid_rows=cfg.grid_rows, batch_size=cfg.batch_size)
     for group in ("train", "heldout"):
         for key in ("hit_rate", "chance", "ceiling"):
             report[f"{group}_{key}"] = (report.get(group) or {}).get(key)
@@ -219,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
         keys = ("clip_score_best", "clip_score_mean", "r_precision", "real_r_precision", "fd_efflite0",
                 "diversity_efflite0")
     elif args.command == "recognise":
-        report = _recognise(args)
+        report = _recognise(args, cfg)
         keys = ("train_hit_rate", "train_chance", "train_ceiling", "heldout_hit_rate", "heldout_chance",
                 "heldout_ceiling")
     elif args.command == "shapes":

@@ -20,17 +20,21 @@ class EvalConfig(ConfigBase):
     (vqgan / dalle reports; 0 = all). ``grid_rows``: captions shown in the grid PNGs.
     """
 
-    split: str = "test"
+    split: str = dataclasses.field(default="test", metadata={
+        "help": "held-out split: test, test_concept, test_style (default {default})"})
     lang: str = "ru"
-    num_captions: int = 32
-    num_images: int = 4
-    candidates: int = 100
-    fd: bool = True
-    fd_resolution: int = 224
-    limit: int = 0
+    num_captions: int = dataclasses.field(default=32, metadata={
+        "help": "held-out captions / specs to generate for, 0 = all (default {default})"})
+    num_images: int = dataclasses.field(default=4, metadata={"help": "images per caption (default {default})"})
+    candidates: int = dataclasses.field(default=100, metadata={
+        "help": "captions per R-precision query (default {default})"})
+    fd: bool = dataclasses.field(default=True, metadata={"help": "the FD-EffLite0 distance (--no-fd skips it)"})
+    fd_resolution: int = dataclasses.field(default=224, metadata={
+        "help": "images are resized to this for FD-EffLite0 (default {default})"})
+    limit: int = dataclasses.field(default=0, metadata={"help": "at most this many held-out images (0 = all)"})
     batch_size: int = 16
-    grid_rows: int = 8
-    seed: int = 0
+    grid_rows: int = dataclasses.field(default=8, metadata={"help": "captions shown in the grid"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seeds caption choice, sampling and distractors"})
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, ("train", "test", "test_concept", "test_style", "all"))
