@@ -20,11 +20,16 @@ class TokenizerConfig(ConfigBase):
     """
 
     vocab_size: int = 16384
-    text_seq_length: int = 128
-    lowercase: bool = True
-    keep_eos: bool = False
-    bpe_dropout: float = 0.0
-    coverage: float = 1.0
+    text_seq_length: int = dataclasses.field(default=128, metadata={
+        "help": "text ids per caption, stored in config.json (default {default})"})
+    lowercase: bool = dataclasses.field(default=True, metadata={
+        "help": "lower-case captions, as ruDALL-E encodes them (default; --no-lowercase keeps case)"})
+    keep_eos: bool = dataclasses.field(default=False, metadata={
+        "help": "stored in config.json: truncate keeping eos (ruCLIP convention; default off)"})
+    bpe_dropout: float = dataclasses.field(default=0.0, metadata={
+        "help": "stored in config.json: BPE-dropout probability for training the transformer (default {default})"})
+    coverage: float = dataclasses.field(default=1.0, metadata={
+        "help": "character coverage in (0, 1]: the rarest characters beyond it become unk (default {default})"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.vocab_size, int) and self.vocab_size >= 2,

@@ -15,8 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from holst.cli_common import add_dataclass_arguments, given_values
 from holst.config import TokenizerConfig
 from holst.utils.runtime import get_logger
+
+# The TokenizerConfig fields that are flags (default None = not given: TokenizerConfig's default applies);
+# --vocab-size is required, so it is written by hand.
+TOKENIZER_FLAGS = ("coverage", "lowercase", "text_seq_length", "keep_eos", "bpe_dropout")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,15 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total ids including the 4 special ids (ruDALL-E: 16384)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output directory (bpe.model + config.json), or a file path ending in .model")
-    parser.add_argument("--coverage", type=float, default=1.0,
-                        help="character coverage in (0, 1]: the rarest characters beyond it become unk (default 1)")
-    parser.add_argument("--no-lowercase", dest="lowercase", action="store_false",
-                        help="keep case (default: lower-case captions, as ruDALL-E encodes them)")
-    parser.add_argument("--text-seq-length", type=int, default=128, help="stored in config.json (default 128)")
-    parser.add_argument("--keep-eos", action="store_true",
-                        help="stored in config.json: truncate keeping eos (ruCLIP convention)")
-    parser.add_argument("--bpe-dropout", type=float, default=0.0,
-                        help="stored in config.json: BPE-dropout probability for training the transformer")
+    add_dataclass_arguments(parser, TokenizerConfig, TOKENIZER_FLAGS)
 
 
 def _read_lines(paths: list[Path]) -> Iterator[str]:
@@ -56,9 +53,7 @@ def main(args: argparse.Namespace) -> int:
 
     log = get_logger("holst.text")
     try:
-        config = TokenizerConfig(vocab_size=args.vocab_size, text_seq_length=args.text_seq_length,
-                                 lowercase=args.lowercase, keep_eos=args.keep_eos, bpe_dropout=args.bpe_dropout,
-                                 coverage=args.coverage)
+        config = TokenizerConfig(vocab_size=args.vocab_size, **given_values(args, TOKENIZER_FLAGS))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from e
     start = time.perf_counter()
@@ -68,8 +63,8 @@ def main(args: argparse.Namespace) -> int:
             log.info("%d / %d merges (%.0f s)", done, wanted, time.perf_counter() - start)
 
     try:
-        tok = BPETokenizer.train(_read_lines(args.inputs), args.vocab_size, coverage=args.coverage,
-                                 lowercase=args.lowercase, config=config, progress=progress)
+        tok = BPETokenizer.train(_read_lines(args.inputs), config.vocab_size, coverage=config.coverage,
+                                 lowercase=config.lowercase, config=config, progress=progress)
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from e
     out: Path = args.out
