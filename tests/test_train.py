@@ -110,7 +110,8 @@ def read_metrics(out_dir: str | Path) -> dict[int, dict]:
 
 def run_worker(tmp_path: Path, opts: dict) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    if not script.exists():  # rewriting it while earlier workers start would let one read an empty file
+        script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(script), json.dumps(opts)], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -119,7 +120,8 @@ def run_worker(tmp_path: Path, opts: dict) -> subprocess.CompletedProcess:
 def run_workers(tmp_path: Path, opts: dict, world_size: int) -> list[subprocess.Popen]:
     """Start world_size workers with the environment torchrun gives each process (env:// rendezvous)."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    if not script.exists():  # rewriting it while earlier workers start would let one read an empty file
+        script.write_text(WORKER)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
