@@ -219,8 +219,8 @@ def vqgan_decode_times(vqgan_dir: str, codes: torch.Tensor, device: torch.device
     grids = codes.reshape(-1, D, D).to(device)
     with torch.inference_mode():
         one = measure(lambda: [vq.decode(g[None]) for g in grids], device, 2)["seconds"]
-        chunk = 8 if device.type == "cuda" else 4
-        chunked = measure(lambda: vq.decode_chunked(grids, chunk), device, 2)["seconds"]
+        chunk = vq.decode_chunk()
+        chunked = measure(lambda: vq.decode_chunked(grids), device, 2)["seconds"]
         batched = measure(lambda: vq.decode(grids), device, 2)["seconds"]
     return {"per_image_s": round(one, 4), f"chunks_of_{chunk}_s": round(chunked, 4), "batched_s": round(batched, 4)}
 

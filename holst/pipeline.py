@@ -165,12 +165,12 @@ class Text2ImagePipeline:
     @property
     def device(self) -> torch.device:
         """Device of the transformer's weights."""
-        return next(self.dalle.parameters()).device
+        return self.dalle.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the transformer's weights."""
-        return next(self.dalle.parameters()).dtype
+        return self.dalle.dtype
 
     @property
     def image_size(self) -> int:
@@ -361,16 +361,12 @@ class Text2ImagePipeline:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, N) codes -> (B, 3, H, W) float images in [0, 1].
 
-        In calls of exactly :meth:`decode_chunk` images (``VQGAN.decode_chunked``): an image comes out
+        In calls of exactly ``VQGAN.decode_chunk()`` images (``VQGAN.decode_chunked``): an image comes out
         byte-identical however many were made with it.
         """
         D = self.dalle.config.image_tokens_per_dim
         grids = codes.reshape(-1, D, D).to(self.device)  # (B, N) -> (B, D, D)
-        return self.vqgan.decode_chunked(grids, self.decode_chunk()).float().clamp(0, 1)
-
-    def decode_chunk(self) -> int:
-        """Images per VQGAN decode call: 8 on CUDA, 4 on a CPU (13 ms an image at 64 px vs 17 one at a time)."""
-        return 8 if self.device.type == "cuda" else 4
+        return self.vqgan.decode_chunked(grids).float().clamp(0, 1)
 
     def preview(self, codes_so_far: torch.Tensor) -> list[Image.Image]:
         """Partial codes (B, n) -> preview images: the finished rows decoded, the rest grey."""
