@@ -87,6 +87,13 @@ class ConfigBase:
         """Plain dict of the fields (tuples become lists), JSON/YAML serialisable."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def part_values(self, part: type) -> dict[str, Any]:
+        """The fields of ``part``, a typed part this config is built from, as keyword arguments.
+
+        E.g. ``SuperResConfig(**cfg.part_values(RRDBOptions))``.
+        """
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(part)}
+
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """Build from a dict; unknown keys raise ConfigError naming them and the known keys."""

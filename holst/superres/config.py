@@ -46,10 +46,6 @@ class RRDBOptions:
         check_int("num_block", self.num_block, 0, 1024)
         check_choice("scale", self.scale, SUPERRES_SCALES)
 
-    def rrdb_options(self) -> dict[str, int]:
-        """The :class:`RRDBOptions` fields as keyword arguments, e.g. ``SuperResConfig(**cfg.rrdb_options())``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RRDBOptions)}
-
 
 @dataclasses.dataclass
 class SuperResConfig(RRDBOptions, RRDBChannels, ConfigBase):

@@ -59,10 +59,6 @@ class RuntimeOptions:
         for name in ("num_threads", "seed"):
             check_int(name, getattr(self, name), 0, 2**63 - 1)
 
-    def runtime_options(self) -> dict[str, Any]:
-        """The :class:`RuntimeOptions` fields as keyword arguments (e.g. to pass them on to a trainer's config)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RuntimeOptions)}
-
 
 @dataclasses.dataclass
 class EngineOptions(RuntimeOptions):

@@ -44,7 +44,7 @@ from holst.cli_common import add_dataclass_arguments, given_values
 from holst.config import ConfigBase, ConfigError, _check, check_positive, check_prob
 from holst.errors import InputError
 from holst.train.config import RuntimeOptions
-from holst.utils.runtime import get_logger
+from holst.utils.runtime import get_logger, set_threads
 
 log = get_logger("holst.finetune")
 
@@ -380,7 +380,7 @@ def _train_config(cfg: FinetuneConfig, plan: dict, *, init_from: str, out: Path,
         init_from=init_from, out_dir=str(out), max_steps=plan["steps"], lr=plan["lr"],
         warmup_steps=min(cfg.warmup_steps, max(plan["steps"] // 5, 1)), batch_size=min(cfg.batch_size, n_items),
         lora_rank=plan["lora_rank"], freeze=list(cfg.freeze), loss_img_weight=cfg.loss_img_weight,
-        bpe_dropout=cfg.bpe_dropout, empty_caption_prob=cfg.empty_caption_prob, **cfg.runtime_options(),
+        bpe_dropout=cfg.bpe_dropout, empty_caption_prob=cfg.empty_caption_prob, **cfg.part_values(RuntimeOptions),
         log_every=max(5, plan["steps"] // 10), save_every=0,
         sample_every=cfg.sample_every if cfg.sample_every >= 0 else max(1, math.ceil(plan["steps"] / 4)),
         sample_prompts=[caption] * cfg.sample_images, tensorboard=False, weight_decay=0.0)
@@ -529,8 +529,7 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.images).is_dir():
         raise FinetuneError(f"{args.images} is not a folder of pictures")
     cfg = FinetuneConfig(**given_values(args, FINETUNE_FLAGS))
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     from holst.pipeline import Text2ImagePipeline
     from holst.utils.runtime import resolve_device
 

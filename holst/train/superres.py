@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from holst.config import ConfigError
 from holst.data.config import DataConfig
 from holst.data.images import DataReport
-from holst.superres.config import SuperResConfig
+from holst.superres.config import RRDBOptions, SuperResConfig
 from holst.superres.degrade import make_pair
 from holst.superres.rrdbnet import RRDBNet
 from holst.train.args import add_train_arguments, run_train_command
@@ -93,7 +93,7 @@ def build_model(cfg: SuperResTrainConfig) -> RRDBNet:
         if model.scale != cfg.scale:
             raise ConfigError(f"init_from={cfg.init_from!r} is an x{model.scale} model but scale={cfg.scale}")
         return model.train()
-    config = SuperResConfig(**cfg.rrdb_options())
+    config = SuperResConfig(**cfg.part_values(RRDBOptions))
     return seeded(cfg.seed, lambda: RRDBNet(config).train())
 
 
