@@ -289,3 +289,35 @@ def test_model_dropouts_are_holst_dropout_without_state():
     assert not any(".dropout" in k or "output_dropout" in k for k in model.state_dict())
     with pytest.raises(ValueError):
         Dropout(1.5)
+
+
+def test_compiled_cpu_dropout_draws_each_mask_once():
+    """Under torch.compile on a CPU the mask comes from holst's opaque op: two dropouts of one tensor get
+    their own masks (the compiler must not merge the calls), the backward pass uses the forward's mask
+    (it must not draw again), with the rate and the exact scale of the eager path."""
+    from holst.dalle.dropout import dropout, quantized_p
+
+    p = quantized_p(0.1)
+    x = torch.ones(1 << 18, requires_grad=True)
+    a, b = torch.compile(lambda t: (dropout(t, 0.1), dropout(t, 0.1)), fullgraph=True)(x)
+    (a + 2 * b).sum().backward()
+    ka, kb = a != 0, b != 0
+    assert not torch.equal(ka, kb)
+    assert abs((~ka).float().mean().item() - p) < 3e-3 and abs((~kb).float().mean().item() - p) < 3e-3
+    assert torch.equal(a[ka], torch.full_like(a[ka], 1 / (1 - p)))
+    assert torch.equal(x.grad, (ka.float() + 2 * kb.float()) / (1 - p))
+
+
+def test_compiled_gelu_tanh_is_the_tanh_approximation():
+    """The sigmoid form compiled for a CPU is GELU's tanh approximation, values and gradients."""
+    from holst.dalle.model import gelu_tanh
+
+    x = torch.linspace(-8, 8, 4099, dtype=torch.float64).float().requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    y = torch.compile(gelu_tanh, fullgraph=True)(x)
+    y.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    yr = F.gelu(xr, approximate="tanh")
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)

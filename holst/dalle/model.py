@@ -31,7 +31,21 @@ def gelu_fn(name: str):
     """The MLP activation: 'gelu_jit'/'gelu_tanh' = tanh approximation (the reference's), 'gelu' = erf."""
     if name == "gelu":
         return F.gelu
-    return lambda x: F.gelu(x, approximate="tanh")
+    return gelu_tanh
+
+
+GELU_TANH_BETA = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+
+    Compiled for a CPU it is written as x sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)), the same
+    function: inductor's vectorised sigmoid is ~2x cheaper than its tanh (forward and backward).
+    """
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return x * torch.sigmoid(GELU_TANH_BETA * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
 
 
 class DalleMLP(nn.Module):
