@@ -321,3 +321,21 @@ def test_compiled_gelu_tanh_is_the_tanh_approximation():
     yr.backward(g)
     torch.testing.assert_close(y, yr, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_is_one_config_error(tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder, exc
+
+    from holst.config import TrainConfig
+    from holst.errors import ConfigError
+    from holst.train.engine import Engine
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    engine = Engine(TrainConfig(out_dir=str(tmp_path), device="cpu", tensorboard=False, compile=True),
+                    install_signal_handler=False)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        engine.prepare(DalleModel(get_preset("tiny")))
+    engine.close()

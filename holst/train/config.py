@@ -64,7 +64,8 @@ class RuntimeOptions:
 class EngineOptions(RuntimeOptions):
     """How the engine runs the model (holst.train.engine): :class:`RuntimeOptions` plus the engine's own.
 
-    ``compile``: run the model under ``torch.compile`` (the first steps are slower while it compiles).
+    ``compile``: run the model under ``torch.compile`` (the first steps are slower while it compiles; on a
+    CPU inductor needs a C++ compiler, g++ or ``$CXX``).
     """
 
     backend: str = "auto"

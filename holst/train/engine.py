@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from holst.errors import MissingPackageError
+from holst.errors import ConfigError, MissingPackageError
 from holst.train.checkpoint import (
     DEEPSPEED_MARKER,
     load_entry,
@@ -83,6 +83,19 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
                     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     except OSError:
         pass
+    return False
+
+
+def cpp_compiler_missing() -> bool:
+    """True if torch.compile could not build CPU kernels here: inductor finds no C++ compiler ($CXX or g++)."""
+    try:
+        from torch._inductor import cpp_builder, exc
+    except ImportError:  # a torch without inductor: let torch.compile say what it lacks
+        return False
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return True
     return False
 
 
@@ -276,6 +289,9 @@ class Engine:
         if self.backend == "fsdp":
             log.warning("compile: true is not applied under FSDP here; running eager")
             return model
+        if self.device.type == "cpu" and cpp_compiler_missing():
+            raise ConfigError("compile: true on a CPU needs a C++ compiler for torch.compile's kernels and none "
+                              "was found (install g++ or set $CXX), or set compile: false")
         return torch.compile(model)
 
     def _prepare_fsdp(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
