@@ -308,6 +308,19 @@ def test_compiled_cpu_dropout_draws_each_mask_once():
     assert torch.equal(x.grad, (ka.float() + 2 * kb.float()) / (1 - p))
 
 
+
+def test_compiled_cpu_dropout_under_checkpointing_recomputes_the_same_mask():
+    from torch.utils.checkpoint import checkpoint
+
+    from holst.dalle.dropout import dropout, quantized_p
+
+    x = torch.ones(1 << 16, requires_grad=True)
+    y = torch.compile(lambda t: checkpoint(lambda u: dropout(u * 2.0, 0.5), t, use_reentrant=False))(x)
+    y.sum().backward()
+    kept = y != 0
+    assert 0.45 < kept.float().mean().item() < 0.55
+    assert torch.equal(x.grad, 2.0 * kept.float() / (1 - quantized_p(0.5)))
+
 def test_compiled_gelu_tanh_is_the_tanh_approximation():
     """The sigmoid form compiled for a CPU is GELU's tanh approximation, values and gradients."""
     from holst.dalle.model import gelu_tanh

@@ -45,8 +45,9 @@ def _keep_mask_op(like: torch.Tensor, threshold: int) -> torch.Tensor:
     Opaque to the compiler: inductor's own CPU random numbers cost more than torch's eager ones, and
     a bool mask keeps the fused kernels that use it vectorised (int16 fields do not). ``like`` is a
     fresh ``torch.empty``: AOTAutograd's common-subexpression pass would merge two calls with equal
-    arguments (it ignores the ``nondeterministic_seeded`` tag but never merges ``empty``); the tag
-    keeps the partitioner from recomputing a call for the backward pass.
+    arguments (it ignores the ``nondeterministic_seeded`` tag but never merges ``empty``). The tag
+    marks it as a random op, as torch's own are; tests check that the backward pass, with and without
+    activation checkpointing, uses the forward's mask.
     """
     return keep_mask(like.shape, threshold)
 
