@@ -352,3 +352,59 @@ def test_compile_without_a_cpp_compiler_is_one_config_error(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         engine.prepare(DalleModel(get_preset("tiny")))
     engine.close()
+
+
+# ------------------------------------------------------------------------ CPU attention with a backward
+@pytest.mark.parametrize("kind", ["none", "causal", "mask"])
+def test_written_attention_equals_fused_attention(kind):
+    from holst.utils.attention import written_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(9, 9, generator=g) < 0.6
+    mask[torch.arange(9), torch.arange(9)] = True  # every query sees a key
+    mask = {"none": None, "causal": torch.ones(9, 9, dtype=torch.bool).tril(), "mask": mask}[kind]
+    grad_out = torch.randn(2, 3, 9, 8, generator=g)
+    written = written_attention(q, k, v, mask)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(written, fused, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(written, (q, k, v), grad_out)
+    for a, b in zip(grads, torch.autograd.grad(fused, (q, k, v), grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_bf16_training_attention_writes_scores_out(monkeypatch):
+    """DALL-E, CLIP and the VQGAN call torch's fused attention in bf16 only where no backward follows
+    (its CPU backward is slow), and in fp32 always."""
+    from holst.dalle.attention import attention_sdpa
+    from holst.rerank.clip import SelfAttention
+    from holst.vqgan.layers import AttnBlock
+
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    clip_attn, vq_attn = SelfAttention(8, 2), AttnBlock(8, groups=4)
+    for module in (clip_attn, vq_attn):
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    g = torch.Generator().manual_seed(0)
+    q32, x32 = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 5, 8, generator=g)
+    image32 = torch.randn(2, 8, 3, 3, generator=g)
+
+    def run(dtype):
+        clip_attn.to(dtype), vq_attn.to(dtype)
+        q = q32.to(dtype).requires_grad_()
+        return [attention_sdpa(q, q, q, mask), clip_attn(x32.to(dtype), causal=True), vq_attn(image32.to(dtype))]
+
+    outs = run(torch.bfloat16)
+    sum(o.float().sum() for o in outs).backward()
+    assert calls == []
+    with torch.no_grad():
+        again = run(torch.bfloat16)
+    assert len(calls) == 3
+    for a, b in zip(outs, again):
+        torch.testing.assert_close(a.detach().float(), b.float(), atol=3e-2, rtol=3e-2)
+    calls.clear()
+    run(torch.float32)
+    assert len(calls) == 3

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from holst.dalle.dropout import Dropout, dropout
+from holst.utils.attention import needs_written_scores, written_attention
 
 FP16_MAX = 65504.0  # the reference clamps attention outputs to the fp16 range (commit 3c6a6be)
 PB_RELAX_ALPHA = 32.0
@@ -71,13 +72,14 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """Fused attention: same softmax(q k^T / sqrt(hd)) over visible keys, max-subtracted per row.
 
     PB-relax only shifts each row by a constant, which fused kernels already do; masked keys get
-    probability exactly 0 here and exp(-10000 - max) ~ 0 in the reference. With attention dropout in
-    training on a CPU the scores are written out (torch's CPU kernel draws one bernoulli number a
-    probability, :mod:`holst.dalle.dropout` a quarter of a 64-bit draw).
+    probability exactly 0 here and exp(-10000 - max) ~ 0 in the reference. On a CPU the scores are
+    written out when a backward pass follows (torch's fused CPU backward is 3-5x slower in bf16, see
+    :mod:`holst.utils.attention`) and for attention dropout in training (torch's CPU kernel draws one
+    bernoulli number a probability, :mod:`holst.dalle.dropout` a quarter of a 64-bit draw).
     """
-    if training and dropout_p > 0 and q.device.type == "cpu":
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, nh, S, K]
-        return _masked_softmax(scores, mask, dropout_p, training) @ v
+    cpu_dropout = training and dropout_p > 0 and q.device.type == "cpu"
+    if cpu_dropout or needs_written_scores(q, k, v):
+        return written_attention(q, k, v, mask, lambda probs: dropout(probs, dropout_p, training))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
 
 

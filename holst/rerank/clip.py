@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from holst.rerank.config import CLIP_PRESETS, ClipConfig, clip_preset  # noqa: F401 (re-exported)
+from holst.utils.attention import attention
 from holst.utils.persist import PretrainedMixin
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names and numerics.
 
     Parameters: ``in_proj_weight`` [3W, W] (rows = q | k | v), ``in_proj_bias`` [3W],
-    ``out_proj`` Linear(W, W). Fused scaled_dot_product_attention instead of nn.MultiheadAttention.
+    ``out_proj`` Linear(W, W). Scaled dot-product attention (:func:`holst.utils.attention.attention`: fused,
+    or with the scores written out where a CPU backward follows) instead of nn.MultiheadAttention.
     """
 
     def __init__(self, width: int, heads: int) -> None:
@@ -114,7 +116,7 @@ class SelfAttention(nn.Module):
         B, S, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, S, 3W]
         qkv = qkv.view(B, S, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, S, W/heads]
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, heads, S, W/heads]
+        out = attention(qkv[0], qkv[1], qkv[2], causal=causal)  # [B, heads, S, W/heads]
         return self.out_proj(out.transpose(1, 2).reshape(B, S, W))
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from holst.utils.attention import attention
+
 
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
     """taming's ``Normalize``: GroupNorm(32 groups, eps 1e-6, affine)."""
@@ -65,7 +67,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         # (B, C, H, W) -> (B, 1, N, C): one head; SDPA's default scale is C^-1/2 as in taming.
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(y), self.k(y), self.v(y)))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, N, C)
+        out = attention(q, k, v)  # (B, 1, N, C); scores written out where a CPU backward follows
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
