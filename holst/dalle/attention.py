@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from holst.dalle.dropout import Dropout, dropout
-from holst.utils.attention import needs_written_scores, written_attention
+from holst.utils.attention import masked_softmax, needs_written_scores, written_attention
 
 FP16_MAX = 65504.0  # the reference clamps attention outputs to the fp16 range (commit 3c6a6be)
 PB_RELAX_ALPHA = 32.0
@@ -159,8 +159,7 @@ def sparse_layout(mask: torch.Tensor, T: int, D: int, max_fraction: float = 0.75
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor:
     """softmax over visible keys (fp32 accumulation), then attention dropout; same dtype as ``scores``."""
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(scores.dtype)
-    return dropout(probs, dropout_p, training)
+    return dropout(masked_softmax(scores, mask), dropout_p, training)
 
 
 def attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SparseLayout,

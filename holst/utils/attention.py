@@ -25,6 +25,13 @@ def needs_written_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
             and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last axis of the visible (``mask`` True) scores, accumulated in fp32, in ``scores``' dtype."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 def written_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v over the visible keys, the scores written out.
@@ -39,9 +46,7 @@ def written_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         [B, S, hd] in q's dtype; the softmax accumulates in fp32, masked keys get probability 0.
     """
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, S, K]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = masked_softmax(scores, mask)
     if probs_fn is not None:
         probs = probs_fn(probs)
     return probs @ v
@@ -61,4 +66,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return written_attention(q, k, v, mask)
 
 
-__all__ = ["attention", "needs_written_scores", "written_attention"]
+__all__ = ["attention", "masked_softmax", "needs_written_scores", "written_attention"]
