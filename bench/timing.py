@@ -25,3 +25,26 @@ def timed(fn: Callable[[], object], steps: int, device: torch.device) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def timed_steps(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> dict:
+    """``warmup`` untimed calls (compilation happens there), then ``steps`` timed ones.
+
+    Returns {"step_s": median wall seconds, "cpu_s": median process CPU seconds (all threads; less
+    sensitive than wall time to other jobs on a shared CPU), "warmup_s": seconds of the warm-up calls,
+    "last": the last call's result}.
+    """
+    t_warm = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    warmup_s = time.perf_counter() - t_warm
+    times, cpu_times, last = [], [], None
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        last = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    return {"step_s": sorted(times)[len(times) // 2], "cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
+            "warmup_s": warmup_s, "last": last}

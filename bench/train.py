@@ -31,12 +31,12 @@ import contextlib
 import json
 import resource
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from timing import timed_steps
 
 from holst.config import TrainConfig
 from holst.dalle import DalleModel
@@ -103,11 +103,6 @@ def torch_dropout(model: DalleModel, enabled: bool) -> Iterator[None]:
             setattr(module, name, child)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -156,30 +151,17 @@ def _time_steps(engine: Engine, cfg: TrainConfig, bare: DalleModel, config, batc
         engine.step(loss, optimizer, scheduler, model=model)
         return loss.detach()
 
-    t_warm = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _sync(engine.device)
-    warmup_s = time.perf_counter() - t_warm
-    times, cpu_times = [], []
-    for _ in range(steps):
-        _sync(engine.device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        last = step()
-        _sync(engine.device)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    median = sorted(times)[len(times) // 2]
-    cpu_median = sorted(cpu_times)[len(cpu_times) // 2]
+    t = timed_steps(step, steps, warmup, engine.device)
+    median = t["step_s"]
     tokens = batch * ids.shape[1]
     if engine.device.type == "cuda":
         mem = {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
     else:
         mem = {"peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}
     result = {**asdict(v), "precision": engine.precision, "step_s": round(median, 4),
-              "tokens_per_s": round(tokens / median, 1), "warmup_s": round(warmup_s, 1),
+              "tokens_per_s": round(tokens / median, 1), "warmup_s": round(t["warmup_s"], 1),
               # CPU seconds of this process per step (all threads): less sensitive to other load on a CPU box
-              "process_cpu_s": round(cpu_median, 4), **mem, "loss": round(float(last), 4),
+              "process_cpu_s": round(t["cpu_s"], 4), **mem, "loss": round(float(t["last"]), 4),
               "skipped_steps": engine.skipped_steps}
     engine.close()
     if engine.device.type == "cuda":

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
-from timing import sync
+from timing import timed_steps
 
 from holst.config import TrainConfig
 from holst.rerank.clip import CLIPModel, clip_preset
@@ -91,20 +90,10 @@ def bench_row(stage: str, precision: str, compile_: bool, steps: int, warmup: in
             engine.step(loss, optimizer, scheduler, model=model)
             return float(loss.detach())
 
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            step()
-        sync(engine.device)
-        warmup_s = time.perf_counter() - t0
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            last = step()
-            sync(engine.device)
-            times.append(time.perf_counter() - t)
+        t = timed_steps(step, steps, warmup, engine.device)
         engine.close()
     return {"stage": stage, "preset": preset, "batch": batch, "precision": engine.precision, "compile": compile_,
-            "step_s": round(sorted(times)[len(times) // 2], 4), "warmup_s": round(warmup_s, 1), "loss": round(last, 4)}
+            "step_s": round(t["step_s"], 4), "warmup_s": round(t["warmup_s"], 1), "loss": round(t["last"], 4)}
 
 
 def main() -> None:
