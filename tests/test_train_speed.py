@@ -408,3 +408,32 @@ def test_cpu_bf16_training_attention_writes_scores_out(monkeypatch):
     calls.clear()
     run(torch.float32)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_scores_equal_q_kt_with_a_row_major_key_gradient(dtype):
+    """key_scores is q @ k^T (values and both gradients bit for bit) whose key gradient arrives
+    [.., K, hd] row-major: autograd's own formula hands it over hd-major (a transpose), which the
+    compiled kernels gathering it into the qkv gradient then read with scalar loops."""
+    from holst.utils.attention import key_scores
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 8, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(2, 3, 7, 8, generator=g).to(dtype).requires_grad_()
+    grad_out = torch.randn(2, 3, 5, 7, generator=g).to(dtype)
+    strides = []
+    k_view = k * 1  # a non-leaf, so its hook sees the gradient as key_scores hands it over
+    k_view.register_hook(lambda grad: strides.append(grad.stride()))
+    out = key_scores(q, k_view)
+    torch.testing.assert_close(out, q @ k.transpose(-1, -2), atol=0, rtol=0)
+    dq, dk = torch.autograd.grad(out, (q, k), grad_out)
+    ref_q, ref_k = torch.autograd.grad(q @ k.transpose(-1, -2), (q, k), grad_out)
+    torch.testing.assert_close(dq, ref_q, atol=0, rtol=0)
+    torch.testing.assert_close(dk, ref_k, atol=0, rtol=0)
+    assert strides == [(3 * 7 * 8, 7 * 8, 8, 1)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inputs: the product in bf16, fp32 gradients
+        q32 = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+        mixed = key_scores(q32, torch.randn(2, 7, 8, generator=g))
+    assert mixed.dtype == torch.bfloat16
+    mixed.float().sum().backward()
+    assert q32.grad.dtype == torch.float32

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from holst.dalle.dropout import Dropout, dropout
-from holst.utils.attention import masked_softmax, needs_written_scores, written_attention
+from holst.utils.attention import key_scores, masked_softmax, needs_written_scores, written_attention
 
 FP16_MAX = 65504.0  # the reference clamps attention outputs to the fp16 range (commit 3c6a6be)
 PB_RELAX_ALPHA = 32.0
@@ -181,7 +181,7 @@ def attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     scale = 1.0 / math.sqrt(hd)
     qt, kt, vt = q[:, :, :T], k[:, :, :T], v[:, :, :T]  # [B, nh, T, hd]
     # text queries: causal over the text
-    text_out = _masked_softmax((qt @ kt.transpose(-1, -2)) * scale, layout.text_mask, dropout_p, training) @ vt
+    text_out = _masked_softmax(key_scores(qt, kt) * scale, layout.text_mask, dropout_p, training) @ vt
 
     N, L = D * D, (w + 1) * D
 
@@ -198,8 +198,8 @@ def attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
     qg, kg, vg = grid(q[:, :, T:]), grid(k[:, :, T:]), grid(v[:, :, T:])
     kb, vb = band(kg), band(vg)
-    s_text = (qg.view(B * nh, N, hd) @ kt.reshape(B * nh, T, hd).transpose(1, 2)) * scale  # [B nh, N, T]
-    s_band = torch.bmm(qg, kb.transpose(1, 2)) * scale  # [B nh D, D, (w + 1) D]
+    s_text = key_scores(qg.view(B * nh, N, hd), kt.reshape(B * nh, T, hd)) * scale  # [B nh, N, T]
+    s_band = key_scores(qg, kb) * scale  # [B nh D, D, (w + 1) D]
     scores = torch.cat([s_text.view(B, nh, D, D, T), s_band.view(B, nh, D, D, L)], dim=-1)
     probs = _masked_softmax(scores, layout.band_mask, dropout_p, training)  # [B, nh, D, D, T + L]
     from_text = probs[..., :T].reshape(B * nh, N, T) @ vt.reshape(B * nh, T, hd)  # [B nh, N, hd]

@@ -25,6 +25,37 @@ def needs_written_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
             and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
+class _KeyScores(torch.autograd.Function):
+    """q @ k^T whose key gradient is formed as dS^T @ q, so it comes out [.., K, hd] contiguous.
+
+    autograd's own formula gives the key gradient as the transpose of q^T @ dS (hd-major), and the
+    kernels that gather it back into the fused qkv gradient then run as strided scalar loops.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k)
+        return q @ k.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        q, k = ctx.saved_tensors
+        dq = (grad @ k.to(grad.dtype)).to(q.dtype) if ctx.needs_input_grad[0] else None
+        dk = (grad.transpose(-1, -2) @ q.to(grad.dtype)).to(k.dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk
+
+
+def key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q @ k^T: [B, S, hd] x [B, K, hd] -> [B, S, K] (equal leading dims), gradients in row-major layouts.
+
+    The same numbers as ``q @ k.transpose(-1, -2)``; only the layout of the key gradient differs
+    (see :class:`_KeyScores`). Under autocast the product runs in the autocast dtype, as ``@`` does.
+    """
+    if q.shape[:-2] != k.shape[:-2] or not torch.is_grad_enabled():
+        return q @ k.transpose(-1, -2)
+    return _KeyScores.apply(q, k)
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax over the last axis of the visible (``mask`` True) scores, accumulated in fp32, in ``scores``' dtype."""
     if mask is not None:
@@ -45,7 +76,7 @@ def written_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     Returns:
         [B, S, hd] in q's dtype; the softmax accumulates in fp32, masked keys get probability 0.
     """
-    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, S, K]
+    scores = key_scores(q, k) * (1.0 / math.sqrt(q.shape[-1]))  # [B, S, K]
     probs = masked_softmax(scores, mask)
     if probs_fn is not None:
         probs = probs_fn(probs)
@@ -66,4 +97,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return written_attention(q, k, v, mask)
 
 
-__all__ = ["attention", "masked_softmax", "needs_written_scores", "written_attention"]
+__all__ = ["attention", "key_scores", "masked_softmax", "needs_written_scores", "written_attention"]
