@@ -472,3 +472,32 @@ def test_decoder_only_finetune_keeps_codes(tmp_path):
     assert changed, "the decoder did not train"
     with pytest.raises(ValueError, match="match no parameter"):
         train_vqgan(cfg.replace(freeze=("encoderr.*",), out_dir=str(tmp_path / "bad")), dataset=data)
+
+
+def test_compiled_quantizer_has_no_graph_break_and_keeps_a_loaded_table():
+    """The data-init check is a Python guard under torch.compile, not a graph break; a table loaded from
+    a checkpoint (``initted`` True) is not re-initialised by the first compiled training call."""
+    torch.manual_seed(0)
+    trained = VectorQuantizer(16, 4).train()
+    z = torch.randn(2, 4, 4, 4)
+    trained(z)  # the first training call initialises the table from z
+    assert bool(trained.initted)
+
+    def loss(vq: VectorQuantizer, x: torch.Tensor) -> torch.Tensor:
+        z_q, commit, _ = vq(x)
+        return z_q.sum() + commit
+
+    fresh = VectorQuantizer(16, 4).train()
+    for vq in (fresh, trained):
+        explained = torch._dynamo.explain(loss)(vq, z)
+        assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    loaded = VectorQuantizer(16, 4).train()
+    loaded.load_state_dict(trained.state_dict())
+    table = loaded.embed.weight.detach().clone()
+    torch.compile(loss, fullgraph=True)(loaded, torch.randn(2, 4, 4, 4) * 10)
+    assert torch.equal(loaded.embed.weight, table)
+    compiled_fresh = VectorQuantizer(16, 4).train()
+    torch.compile(loss, fullgraph=True)(compiled_fresh, z)  # a compiled first call initialises it, once
+    assert bool(compiled_fresh.initted) and compiled_fresh._is_initted()
+    assert all((compiled_fresh.embed.weight[i] == compiled_fresh._flat(z)).all(1).any() for i in range(16))

@@ -96,6 +96,22 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(n_embed))
         self.register_buffer("embed_avg", self.embed.weight.detach().clone())
         self.register_buffer("initted", torch.tensor(False))
+        self._initted_flag = False  # the buffer as a Python bool, for compiled graphs (see _is_initted)
+
+    def _is_initted(self) -> bool:
+        """Whether the table was initialised from data.
+
+        Eager calls read the ``initted`` buffer (the truth: checkpoints, direct writes); compiled ones
+        read its Python copy, a guard rather than a data-dependent branch that would split the graph
+        (one recompile when it turns True).
+        """
+        if not torch.compiler.is_compiling():
+            self._initted_flag = bool(self.initted)
+        return self._initted_flag
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted_flag = bool(self.initted)
 
     def _flat(self, z: torch.Tensor) -> torch.Tensor:
         return z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float()  # (B, D, h, w) -> (M, D)
@@ -125,7 +141,7 @@ class VectorQuantizer(nn.Module):
         """
         b, _, h, w = z.shape
         flat = self._flat(z)
-        if self.training and not bool(self.initted):
+        if self.training and not self._is_initted():
             self._init_from(flat, generator)
         idx = self.nearest(flat)
         z_q = self.lookup(idx.reshape(b, h, w)).to(z.dtype)
@@ -147,6 +163,7 @@ class VectorQuantizer(nn.Module):
         self.embed_avg.copy_(init)
         self.cluster_size.fill_(1.0)
         self.initted.fill_(True)
+        self._initted_flag = True
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, idx: torch.Tensor, restart_threshold: float,
