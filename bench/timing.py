@@ -48,3 +48,27 @@ def timed_steps(fn: Callable[[], object], steps: int, warmup: int, device: torch
         cpu_times.append(time.process_time() - c0)
     return {"step_s": sorted(times)[len(times) // 2], "cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
             "warmup_s": warmup_s, "last": last}
+
+
+def interleaved_steps(fns: list[Callable[[], object]], steps: int, warmup: int, device: torch.device) -> list[dict]:
+    """:func:`timed_steps` of several set-ups at once: each warmed up in turn, then timed round-robin.
+
+    Step i of every function runs before step i + 1 of any, so slow phases of a shared machine fall on
+    all of them alike. Returns one :func:`timed_steps`-style dict per function, in order.
+    """
+    out = []
+    for fn in fns:
+        t_warm = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        out.append({"warmup_s": time.perf_counter() - t_warm, "times": [], "cpu": [], "last": None})
+    for _ in range(steps):
+        for fn, o in zip(fns, out):
+            t0, c0 = time.perf_counter(), time.process_time()
+            o["last"] = fn()
+            sync(device)
+            o["times"].append(time.perf_counter() - t0)
+            o["cpu"].append(time.process_time() - c0)
+    return [{"step_s": sorted(o["times"])[steps // 2], "cpu_s": sorted(o["cpu"])[steps // 2],
+             "warmup_s": o["warmup_s"], "last": o["last"]} for o in out]

@@ -18,7 +18,12 @@ one at a time, in this order:
   + sparse, + lean loss, + compile, and the last one again with activation checkpointing (on CUDA
   holst's dropout is torch's).
 
-    .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,...]
+With ``--interleave`` every variant is built first and their steps are timed round-robin (step i of
+each before step i + 1 of any): a shared CPU's slow phases then fall on all rows alike, which matters
+on the dev box, where the same step drifts 10-20% over minutes. It needs memory for all models at
+once and reports no per-row peak memory.
+
+    .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,..] [--interleave]
     .venv/bin/python bench/train.py --variants gpu --preset tiny --batch 4   # the GPU list, smoke-tested on a CPU
 
 Prints one JSON object.
@@ -31,12 +36,12 @@ import contextlib
 import json
 import resource
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import timed_steps
+from timing import interleaved_steps, timed_steps
 
 from holst.config import TrainConfig
 from holst.dalle import DalleModel
@@ -77,30 +82,34 @@ GPU_VARIANTS = [
 ]
 
 
-@contextlib.contextmanager
-def torch_dropout(model: DalleModel, enabled: bool) -> Iterator[None]:
-    """While open (if ``enabled``), the model's dropouts are torch's (``nn.Dropout`` / ``F.dropout``:
-    one bernoulli draw an element) instead of holst's 16-bit-field dropout (holst/dalle/dropout.py)."""
-    if not enabled:
-        yield
-        return
-    import holst.dalle.attention as attention
+def use_torch_dropout(model: DalleModel) -> None:
+    """Replace the model's holst ``Dropout`` modules (16-bit fields, holst/dalle/dropout.py) by ``nn.Dropout``
+    (one bernoulli draw an element), for good: each model of a run is built for one variant."""
     from holst.dalle.dropout import Dropout
 
-    swapped = []
-    for module in model.modules():
+    for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, Dropout):
                 setattr(module, name, torch.nn.Dropout(child.p))
-                swapped.append((module, name, child))
+
+
+def _torch_attention_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training) if p > 0 else x
+
+
+@contextlib.contextmanager
+def torch_attention_dropout(enabled: bool) -> Iterator[None]:
+    """While open (if ``enabled``), attention-probability dropout is ``F.dropout``. The function swapped in
+    is always the same object, so a compiled model's guard on it holds from step to step."""
+    import holst.dalle.attention as attention
+
     fast = attention.dropout
-    attention.dropout = lambda x, p, training: F.dropout(x, p, training) if p > 0 else x
+    if enabled:
+        attention.dropout = _torch_attention_dropout
     try:
         yield
     finally:
         attention.dropout = fast
-        for module, name, child in swapped:
-            setattr(module, name, child)
 
 
 def _peak_rss_mb() -> float:
@@ -114,23 +123,27 @@ def full_logits_loss(bare: DalleModel, model: torch.nn.Module, ids: torch.Tensor
     return loss
 
 
-def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, device: str) -> dict:
-    """Median time of one optimizer step (after ``warmup`` steps) for one configuration."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        cfg = TrainConfig(out_dir=out_dir, precision=v.precision, compile=v.compile, device=device,
-                          tensorboard=False, grad_clip=1.0, warmup_steps=0, max_steps=1000)
-        engine = Engine(cfg, install_signal_handler=False)
-        config = get_preset(preset)
-        torch.manual_seed(0)
-        bare = DalleModel(config, attn_impl=v.attn_impl)
-        bare.gradient_checkpointing = v.checkpointing
-        with torch_dropout(bare, not v.fast_dropout):
-            return _time_steps(engine, cfg, bare, config, batch, steps, warmup, v)
+@dataclass
+class Prepared:
+    """One variant built and ready: ``step()`` runs one optimizer step (inside the variant's dropout set-up)."""
+
+    variant: Variant
+    engine: Engine
+    step: Callable[[], torch.Tensor]
+    tokens: int  # batch * (T + N) tokens per optimizer step
 
 
-def _time_steps(engine: Engine, cfg: TrainConfig, bare: DalleModel, config, batch: int, steps: int, warmup: int,
-                v: Variant) -> dict:
-    """Prepare ``bare`` through the engine and time its optimizer steps (see :func:`bench_variant`)."""
+def prepare_variant(preset: str, batch: int, v: Variant, device: str, out_dir: str) -> Prepared:
+    """Model, engine, optimizer and fixed random ids for one configuration (nothing run yet)."""
+    cfg = TrainConfig(out_dir=out_dir, precision=v.precision, compile=v.compile, device=device,
+                      tensorboard=False, grad_clip=1.0, warmup_steps=0, max_steps=1000)
+    engine = Engine(cfg, install_signal_handler=False)
+    config = get_preset(preset)
+    torch.manual_seed(0)
+    bare = DalleModel(config, attn_impl=v.attn_impl)
+    bare.gradient_checkpointing = v.checkpointing
+    if not v.fast_dropout:
+        use_torch_dropout(bare)
     model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
     scheduler = build_scheduler(optimizer, cfg)
     model.train()
@@ -138,12 +151,9 @@ def _time_steps(engine: Engine, cfg: TrainConfig, bare: DalleModel, config, batc
     text = torch.randint(4, config.bpe_vocab_size, (batch, config.text_seq_length), generator=g)
     image = torch.randint(0, config.image_vocab_size, (batch, config.image_seq_length), generator=g)
     ids = torch.cat([text, image], 1).to(engine.device)  # (B, T + N)
-    rss0 = _peak_rss_mb()
-    if engine.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
-    def step() -> float:
-        with engine.autocast():
+    def step() -> torch.Tensor:
+        with torch_attention_dropout(not v.fast_dropout), engine.autocast():
             if v.lean_loss:
                 loss, _ = model(ids, return_loss=True)
             else:
@@ -151,22 +161,50 @@ def _time_steps(engine: Engine, cfg: TrainConfig, bare: DalleModel, config, batc
         engine.step(loss, optimizer, scheduler, model=model)
         return loss.detach()
 
-    t = timed_steps(step, steps, warmup, engine.device)
+    return Prepared(v, engine, step, batch * ids.shape[1])
+
+
+def result_row(p: Prepared, t: dict, mem: dict) -> dict:
+    """The JSON row of one variant from its :func:`timing.timed_steps`-style timings."""
     median = t["step_s"]
-    tokens = batch * ids.shape[1]
-    if engine.device.type == "cuda":
-        mem = {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
-    else:
-        mem = {"peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}
-    result = {**asdict(v), "precision": engine.precision, "step_s": round(median, 4),
-              "tokens_per_s": round(tokens / median, 1), "warmup_s": round(t["warmup_s"], 1),
-              # CPU seconds of this process per step (all threads): less sensitive to other load on a CPU box
-              "process_cpu_s": round(t["cpu_s"], 4), **mem, "loss": round(float(t["last"]), 4),
-              "skipped_steps": engine.skipped_steps}
-    engine.close()
-    if engine.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return {**asdict(p.variant), "precision": p.engine.precision, "step_s": round(median, 4),
+            "tokens_per_s": round(p.tokens / median, 1), "warmup_s": round(t["warmup_s"], 1),
+            # CPU seconds of this process per step (all threads): less sensitive to other load on a CPU box
+            "process_cpu_s": round(t["cpu_s"], 4), **mem, "loss": round(float(t["last"]), 4),
+            "skipped_steps": p.engine.skipped_steps}
+
+
+def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, device: str) -> dict:
+    """Median time of one optimizer step (after ``warmup`` steps) for one configuration, with its peak memory."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        rss0 = _peak_rss_mb()
+        p = prepare_variant(preset, batch, v, device, out_dir)
+        if p.engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = timed_steps(p.step, steps, warmup, p.engine.device)
+        if p.engine.device.type == "cuda":
+            mem = {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+        else:
+            mem = {"peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}
+        row = result_row(p, t, mem)
+        p.engine.close()
+        if p.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+
+def bench_interleaved(preset: str, batch: int, steps: int, warmup: int, variants: list[Variant], device: str
+                      ) -> list[dict]:
+    """All variants built at once and timed round-robin (step i of each before step i + 1 of any), so that a
+    shared machine's drift hits every row alike; no per-row peak memory (the models share the process)."""
+    with contextlib.ExitStack() as stack:
+        prepared = [prepare_variant(preset, batch, v, device, stack.enter_context(tempfile.TemporaryDirectory()))
+                    for v in variants]
+        timings = interleaved_steps([p.step for p in prepared], steps, warmup, prepared[0].engine.device)
+        rows = [result_row(p, t, {}) for p, t in zip(prepared, timings)]
+        for p in prepared:
+            p.engine.close()
+        return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -189,6 +227,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--only", default="", help="comma-separated variant indices to run (default: all)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every variant first, then time their steps round-robin (a shared CPU's drift "
+                             "then hits all rows alike; needs memory for all models at once; no per-row peak memory)")
     parser.add_argument("--variants", choices=("auto", "cpu", "gpu"), default="auto",
                         help="which list to run (auto: gpu on CUDA; gpu on a CPU is a smoke test with a tiny preset)")
     args = parser.parse_args()
@@ -202,13 +243,16 @@ def main() -> None:
     if args.only:
         variants = [variants[int(i)] for i in args.only.split(",")]
     config = get_preset(preset)
-    rows = [bench_variant(preset, batch, args.steps, args.warmup, v, device) for v in variants]
+    if args.interleave:
+        rows = bench_interleaved(preset, batch, args.steps, args.warmup, variants, device)
+    else:
+        rows = [bench_variant(preset, batch, args.steps, args.warmup, v, device) for v in variants]
     add_ratios(rows)
     out = {
         "bench": "train_step",
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "preset": preset, "parameters_m": round(config.num_parameters() / 1e6, 2), "batch": batch,
-        "seq_len": config.total_seq_length, "steps": args.steps, "warmup": args.warmup,
+        "seq_len": config.total_seq_length, "steps": args.steps, "warmup": args.warmup, "interleaved": args.interleave,
         "baseline": variants[0].change,
         "reference_fp16_tokens_per_s_h100": 26800 if preset == "malevich" and batch == 8 else None,
         "results": rows,

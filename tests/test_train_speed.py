@@ -437,3 +437,24 @@ def test_key_scores_equal_q_kt_with_a_row_major_key_gradient(dtype):
     assert mixed.dtype == torch.bfloat16
     mixed.float().sum().backward()
     assert q32.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ bench helpers
+def test_bench_interleaved_steps_run_round_robin():
+    """bench/train.py --interleave: each set-up warmed up in turn, then step i of every one before step
+    i + 1 of any; medians and last results per set-up."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("timing", Path(__file__).parents[1] / "bench" / "timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    calls = []
+
+    def make(name: str):
+        return lambda: calls.append(name) or len(calls)
+
+    out = timing.interleaved_steps([make("a"), make("b")], steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert [o["last"] for o in out] == [9, 10]
+    assert all(o["step_s"] >= 0 and o["cpu_s"] >= 0 and o["warmup_s"] >= 0 for o in out)
