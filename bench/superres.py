@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import timed_steps
 
 from holst.config import SuperResConfig
 from holst.superres import RRDBNet, lanczos_upscale, upscale
@@ -81,18 +81,8 @@ def timed(fn, repeats: int, device: torch.device):
     No warm-up call on CPU (one call takes minutes there). CPU seconds are reported because wall time
     on a shared machine depends on the other load.
     """
-    if device.type == "cuda":
-        fn()
-        torch.cuda.synchronize()
-    times, cpu, out = [], [], None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return sorted(times)[len(times) // 2], sorted(cpu)[len(cpu) // 2], out
+    t = timed_steps(fn, repeats, 1 if device.type == "cuda" else 0, device)
+    return t["step_s"], t["cpu_s"], t["last"]
 
 
 def main() -> None:

@@ -16,15 +16,7 @@ def sync(device: torch.device) -> None:
 
 def timed(fn: Callable[[], object], steps: int, device: torch.device) -> float:
     """Median seconds of ``steps`` calls after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return timed_steps(fn, steps, 1, device)["step_s"]
 
 
 def timed_steps(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> dict:
@@ -34,20 +26,7 @@ def timed_steps(fn: Callable[[], object], steps: int, warmup: int, device: torch
     sensitive than wall time to other jobs on a shared CPU), "warmup_s": seconds of the warm-up calls,
     "last": the last call's result}.
     """
-    t_warm = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    warmup_s = time.perf_counter() - t_warm
-    times, cpu_times, last = [], [], None
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        last = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    return {"step_s": sorted(times)[len(times) // 2], "cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
-            "warmup_s": warmup_s, "last": last}
+    return interleaved_steps([fn], steps, warmup, device)[0]
 
 
 def interleaved_steps(fns: list[Callable[[], object]], steps: int, warmup: int, device: torch.device) -> list[dict]:

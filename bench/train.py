@@ -177,8 +177,8 @@ def result_row(p: Prepared, t: dict, mem: dict) -> dict:
 def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, device: str) -> dict:
     """Median time of one optimizer step (after ``warmup`` steps) for one configuration, with its peak memory."""
     with tempfile.TemporaryDirectory() as out_dir:
-        rss0 = _peak_rss_mb()
         p = prepare_variant(preset, batch, v, device, out_dir)
+        rss0 = _peak_rss_mb()  # the steps' growth, not the model's build
         if p.engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = timed_steps(p.step, steps, warmup, p.engine.device)
