@@ -9,10 +9,11 @@ row's ``speedup_vs_baseline`` and ``share_of_gain`` compare like with like. The 
 one at a time, in this order:
 
 - CPU (default preset emoji, the shipped model, batch 32): fp32 with the reference's explicit
-  'math' attention and the loss over the full fp32 logits (the baseline), then + sdpa, + bf16
-  autocast, + block-sparse attention ('sparse'), + the lean loss, + holst's dropout (four 16-bit
-  fields from one 64-bit draw instead of torch's one bernoulli draw an element; the rows before
-  run torch's), + ``torch.compile``.
+  'math' attention, the loss over the full fp32 logits and AdamW with ``foreach=True`` (holst's CPU
+  optimizer before the fused one; the baseline), then + sdpa, + bf16 autocast, + block-sparse
+  attention ('sparse'), + the lean loss, + fused AdamW, + holst's dropout (four 16-bit fields from
+  one 64-bit draw instead of torch's one bernoulli draw an element; the rows before run torch's),
+  + ``torch.compile``.
 - GPU (default preset malevich, batch 8): the reference's set-up (fp16 + loss scaling, 'math',
   full fp32 logits; reference fp16 step 26.8k tokens/s at batch 8 on an H100), then bf16 + sdpa,
   + sparse, + lean loss, + compile, and the last one again with activation checkpointing (on CUDA
@@ -21,9 +22,16 @@ one at a time, in this order:
 With ``--interleave`` every variant is built first and their steps are timed round-robin (step i of
 each before step i + 1 of any): a shared CPU's slow phases then fall on all rows alike, which matters
 on the dev box, where the same step drifts 10-20% over minutes. It needs memory for all models at
-once and reports no per-row peak memory.
+once and reports no per-row peak memory. The models then share caches and the allocator: on the dev
+box the fp32 baseline's step ran 2.5-3.4 s among all eight rows but 2.1-2.2 s beside the compiled
+row alone, so interleaving moves the ratios too.
 
-    .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,..] [--interleave]
+With ``--rounds R`` the whole list runs R times over (each round sequential, or interleaved with
+``--interleave``); each row reports the median of its rounds' step times, its ratio is the median of the
+rounds' ratios, and ``rounds`` lists every round's step times: the spread shows what one run can say.
+
+    .venv/bin/python bench/train.py [--preset emoji] [--batch 32] [--steps 5] [--threads 2] [--only N,..]
+                                    [--interleave] [--rounds R]
     .venv/bin/python bench/train.py --variants gpu --preset tiny --batch 4   # the GPU list, smoke-tested on a CPU
 
 Prints one JSON object.
@@ -43,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from timing import interleaved_steps, timed_steps
 
-from holst.config import TrainConfig
+from holst.config import DalleConfig, TrainConfig
 from holst.dalle import DalleModel
 from holst.presets import get_preset
 from holst.train.engine import Engine
@@ -61,14 +69,16 @@ class Variant:
     fast_dropout: bool = False
     compile: bool = False
     checkpointing: bool = False
+    fused_adamw: bool = True  # False: foreach AdamW, the CPU optimizer before the fused one
 
 
 CPU_VARIANTS = [
-    Variant("baseline: fp32, explicit attention, full fp32 logits", "math", "fp32"),
-    Variant("+ sdpa attention", "sdpa", "fp32"),
-    Variant("+ bf16 autocast", "sdpa", "bf16"),
-    Variant("+ block-sparse attention", "sparse", "bf16"),
-    Variant("+ lean loss", "sparse", "bf16", lean_loss=True),
+    Variant("baseline: fp32, explicit attention, full fp32 logits, foreach AdamW", "math", "fp32", fused_adamw=False),
+    Variant("+ sdpa attention", "sdpa", "fp32", fused_adamw=False),
+    Variant("+ bf16 autocast", "sdpa", "bf16", fused_adamw=False),
+    Variant("+ block-sparse attention", "sparse", "bf16", fused_adamw=False),
+    Variant("+ lean loss", "sparse", "bf16", lean_loss=True, fused_adamw=False),
+    Variant("+ fused AdamW", "sparse", "bf16", lean_loss=True),
     Variant("+ cheap dropout bits", "sparse", "bf16", lean_loss=True, fast_dropout=True),
     Variant("+ torch.compile", "sparse", "bf16", lean_loss=True, fast_dropout=True, compile=True),
 ]
@@ -91,6 +101,13 @@ def use_torch_dropout(model: DalleModel) -> None:
         for name, child in module.named_children():
             if isinstance(child, Dropout):
                 setattr(module, name, torch.nn.Dropout(child.p))
+
+
+def foreach_adamw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same AdamW (groups, hyper-parameters) with ``foreach=True`` instead of ``fused=True``: what
+    holst's trainers ran on a CPU before the fused kernel (60 against 11 ms a step for the emoji model)."""
+    groups = [dict(g, fused=False, foreach=True) for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups)
 
 
 def _torch_attention_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -144,7 +161,8 @@ def prepare_variant(preset: str, batch: int, v: Variant, device: str, out_dir: s
     bare.gradient_checkpointing = v.checkpointing
     if not v.fast_dropout:
         use_torch_dropout(bare)
-    model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
+    optim = (lambda m: build_optimizer(m, cfg)) if v.fused_adamw else (lambda m: foreach_adamw(build_optimizer(m, cfg)))
+    model, optimizer = engine.prepare(bare, optim)
     scheduler = build_scheduler(optimizer, cfg)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -207,15 +225,65 @@ def bench_interleaved(preset: str, batch: int, steps: int, warmup: int, variants
         return rows
 
 
+def step_gemms(config: DalleConfig, batch: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every dense matmul of one training step: for each linear layer of the transformer (qkv,
+    dense, fc1, fc2 of every layer) and of the lean loss's head (text rows over the text vocabulary, image rows
+    over the image vocabulary), the forward product, the input gradient and the weight gradient."""
+    m, h, f = batch * config.total_seq_length, config.hidden_size, config.mlp_ratio * config.hidden_size
+    layer = [(m, h, 3 * h), (m, h, h), (m, h, f), (m, f, h)]  # (rows, in, out)
+    head = [(batch * (config.text_seq_length - 1), h, config.vocab_size),
+            (batch * config.image_seq_length, h, config.image_vocab_size)]
+    gemms = []
+    for rows, k, n in layer * config.num_layers + head:
+        gemms += [(rows, k, n), (rows, n, k), (n, rows, k)]
+    return gemms
+
+
+def matmul_floor(config: DalleConfig, batch: int, passes: int, device: torch.device) -> dict:
+    """Median seconds of one step's dense matmuls (:func:`step_gemms`) alone, back to back in bf16 on
+    contiguous operands: what no change to the rest of the step can go below."""
+    gemms = step_gemms(config, batch)
+    operands = {(m, k, n): (torch.randn(m, k, dtype=torch.bfloat16, device=device),
+                            torch.randn(k, n, dtype=torch.bfloat16, device=device)) for m, k, n in set(gemms)}
+
+    def run() -> None:
+        for shape in gemms:
+            torch.mm(*operands[shape])
+
+    seconds = timed_steps(run, passes, 1, device)["step_s"]
+    flop = 2 * sum(m * k * n for m, k, n in gemms)
+    return {"gflop": round(flop / 1e9, 1), "s": round(seconds, 4), "gflop_per_s": round(flop / seconds / 1e9, 1)}
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Speed-up of each row over the first, and each change's share of the best row's gain."""
+    for r in rows:
+        r["speedup_vs_baseline"] = round(r["tokens_per_s"] / rows[0]["tokens_per_s"], 3)
+    add_shares(rows)
+
+
+def add_shares(rows: list[dict]) -> None:
+    """Each change's share of the best row's gain in tokens/s over the first row."""
     base = rows[0]["tokens_per_s"]
     total = max(r["tokens_per_s"] for r in rows) - base
     prev = base
     for r in rows:
-        r["speedup_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
         r["share_of_gain"] = round((r["tokens_per_s"] - prev) / total, 3) if total else None
         prev = r["tokens_per_s"]
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per variant from several rounds of the whole list (each with :func:`add_ratios` applied):
+    the median round's fields, the median step time and ratio, and every round's step time and ratio."""
+    rows = []
+    for per_round in zip(*rounds):
+        median = sorted(per_round, key=lambda r: r["step_s"])[len(per_round) // 2]
+        ratios = sorted(r["speedup_vs_baseline"] for r in per_round)
+        rows.append({**median, "speedup_vs_baseline": ratios[len(ratios) // 2],
+                     "rounds": {"step_s": [r["step_s"] for r in per_round],
+                                "speedup_vs_baseline": [r["speedup_vs_baseline"] for r in per_round]}})
+    add_shares(rows)  # from the merged rows' own tokens/s
+    return rows
 
 
 def main() -> None:
@@ -230,6 +298,8 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="build every variant first, then time their steps round-robin (a shared CPU's drift "
                              "then hits all rows alike; needs memory for all models at once; no per-row peak memory)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole list this many times; rows report medians over the rounds and each round")
     parser.add_argument("--variants", choices=("auto", "cpu", "gpu"), default="auto",
                         help="which list to run (auto: gpu on CUDA; gpu on a CPU is a smoke test with a tiny preset)")
     args = parser.parse_args()
@@ -243,19 +313,29 @@ def main() -> None:
     if args.only:
         variants = [variants[int(i)] for i in args.only.split(",")]
     config = get_preset(preset)
-    if args.interleave:
-        rows = bench_interleaved(preset, batch, args.steps, args.warmup, variants, device)
-    else:
-        rows = [bench_variant(preset, batch, args.steps, args.warmup, v, device) for v in variants]
-    add_ratios(rows)
+    rounds = []
+    for _ in range(max(1, args.rounds)):
+        if args.interleave:
+            rows = bench_interleaved(preset, batch, args.steps, args.warmup, variants, device)
+        else:
+            rows = [bench_variant(preset, batch, args.steps, args.warmup, v, device) for v in variants]
+        add_ratios(rows)
+        rounds.append(rows)
+    rows = merge_rounds(rounds) if len(rounds) > 1 else rounds[0]
+    floor = matmul_floor(config, batch, args.steps, torch.device(device))
+    best = min(r["step_s"] for r in rows)
+    floor["rest_of_best_step_s"] = round(best - floor["s"], 4)  # everything but the dense matmuls
+    floor["step_s_for_3x"] = round(rows[0]["step_s"] / 3, 4)
     out = {
         "bench": "train_step",
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "preset": preset, "parameters_m": round(config.num_parameters() / 1e6, 2), "batch": batch,
         "seq_len": config.total_seq_length, "steps": args.steps, "warmup": args.warmup, "interleaved": args.interleave,
+        "rounds": len(rounds),
         "baseline": variants[0].change,
         "reference_fp16_tokens_per_s_h100": 26800 if preset == "malevich" and batch == 8 else None,
         "results": rows,
+        "matmul_floor": floor,  # one step's dense matmuls alone, bf16
     }
     print(json.dumps(out, indent=2))
 

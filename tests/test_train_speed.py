@@ -15,6 +15,7 @@ from holst.config import DalleConfig
 from holst.dalle import DalleModel, build_mask
 from holst.dalle.attention import attention_math, attention_sparse, sparse_layout
 from holst.presets import get_preset
+from holst.train.optim import build_optimizer
 
 
 def qkv(B: int, nh: int, S: int, hd: int, seed: int = 0) -> list[torch.Tensor]:
@@ -95,14 +96,19 @@ def test_attention_dropout_drops_and_rescales(kernel):
     torch.testing.assert_close(attend(q, k, v, dropout_p=0.0, training=True), plain, atol=1e-5, rtol=1e-5)
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("version", ["v2", "v3"])
-def test_sparse_model_step_equals_math_model(version):
+def test_sparse_model_step_equals_math_model(version, device):
     c = get_preset("tiny", hf_version=version)
     torch.manual_seed(0)
-    ref = DalleModel(c, attn_impl="math")
-    fast = DalleModel(c, attn_impl="sparse")
+    ref = DalleModel(c, attn_impl="math").to(device)
+    fast = DalleModel(c, attn_impl="sparse").to(device)
     fast.load_state_dict(ref.state_dict())
-    ids = sample_ids(c, 3)
+    ids = sample_ids(c, 3).to(device)
     out_ref, out_fast = ref(ids), fast(ids)  # training mode, dropout 0 in the tiny preset
     torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
     ref.compute_loss(ids, logits=out_ref)[0].backward()  # the training loss: gradients of O(0.01..1)
@@ -195,15 +201,15 @@ def engine_steps(tmp_path, c: DalleConfig, steps: int, **train) -> tuple[list[fl
     from holst.train.engine import Engine
     from holst.train.optim import build_optimizer, build_scheduler
 
-    train = {"lr": 3e-3, **train}
-    cfg = TrainConfig(out_dir=str(tmp_path), device="cpu", tensorboard=False, warmup_steps=0, max_steps=steps,
+    train = {"lr": 3e-3, "device": "cpu", **train}
+    cfg = TrainConfig(out_dir=str(tmp_path), tensorboard=False, warmup_steps=0, max_steps=steps,
                       min_lr_ratio=1.0, **train)
     engine = Engine(cfg, install_signal_handler=False)
     torch.manual_seed(0)
     bare = DalleModel(c, attn_impl="sparse")
     model, optimizer = engine.prepare(bare, lambda m: build_optimizer(m, cfg))
     scheduler = build_scheduler(optimizer, cfg)
-    ids = fixed_pairs(c)
+    ids = fixed_pairs(c).to(engine.device)
     losses = []
     for _ in range(steps):
         with engine.autocast():
@@ -214,10 +220,11 @@ def engine_steps(tmp_path, c: DalleConfig, steps: int, **train) -> tuple[list[fl
     return losses, bare, engine.precision
 
 
-def test_compiled_steps_equal_eager_steps(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_compiled_steps_equal_eager_steps(tmp_path, device):
     c = get_preset("tiny", num_layers=2)  # a row and a column layer: a small graph to compile
     # plain SGD: parameters move by lr x gradient (Adam would blow float noise in ~0 gradients up to lr)
-    sgd = dict(precision="fp32", optimizer="sgd", lr=0.5)
+    sgd = dict(precision="fp32", optimizer="sgd", lr=0.5, device=device)
     eager, m_eager, _ = engine_steps(tmp_path / "eager", c, 3, **sgd)
     compiled, m_compiled, _ = engine_steps(tmp_path / "compiled", c, 3, compile=True, **sgd)
     assert compiled == pytest.approx(eager, abs=1e-5)
@@ -458,3 +465,86 @@ def test_bench_interleaved_steps_run_round_robin():
     assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
     assert [o["last"] for o in out] == [9, 10]
     assert all(o["step_s"] >= 0 and o["cpu_s"] >= 0 and o["warmup_s"] >= 0 for o in out)
+
+
+def _bench_train(monkeypatch):
+    """bench/train.py as a module (it imports its sibling ``timing`` by name, as when run as a script)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_train", bench / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_step_gemms_count_the_steps_matmul_flops(monkeypatch):
+    """bench/train.py's matmul floor times exactly the dense matmuls of a training step: their FLOPs equal
+    what torch's FLOP counter sees in mm/addmm over a lean-loss forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench_train = _bench_train(monkeypatch)
+    config = get_preset("tiny")
+    torch.manual_seed(0)
+    model = DalleModel(config, attn_impl="sdpa").train()  # fused attention: no bmm in the count
+    batch = 3
+    ids = torch.cat([torch.randint(4, config.bpe_vocab_size, (batch, config.text_seq_length)),
+                     torch.randint(0, config.image_vocab_size, (batch, config.image_seq_length))], 1)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(ids, return_loss=True)
+        loss.backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    gemms = bench_train.step_gemms(config, batch)
+    assert len(gemms) == 3 * (4 * config.num_layers + 2)
+    assert counts["aten.mm"] + counts["aten.addmm"] == 2 * sum(m * k * n for m, k, n in gemms)
+
+
+def test_bench_foreach_adamw_matches_the_fused_one(monkeypatch):
+    """The bench baseline's optimizer (foreach AdamW, holst's CPU optimizer before the fused kernel) keeps
+    every group's hyper-parameters and takes the same steps as the fused one it replaces."""
+    from types import SimpleNamespace
+
+    bench_train = _bench_train(monkeypatch)
+    # eps 1e-3: Adam would blow the rounding noise of (mathematically) zero gradients, such as the key bias's,
+    # up to full steps, differently in each optimizer
+    cfg = SimpleNamespace(lr=1e-2, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1, optimizer="adamw", freeze=())
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(DalleModel(get_preset("tiny")))
+    fused = build_optimizer(models[0], cfg)
+    foreach = bench_train.foreach_adamw(build_optimizer(models[1], cfg))
+    assert [g["weight_decay"] for g in foreach.param_groups] == [g["weight_decay"] for g in fused.param_groups]
+    assert all(g["foreach"] and not g["fused"] for g in foreach.param_groups)
+    assert all(g["fused"] for g in fused.param_groups)
+    ids = torch.randint(0, 64, (2, get_preset("tiny").total_seq_length))
+    ids[:, :16] += 4
+    for _ in range(3):
+        for model, opt in zip(models, (fused, foreach)):
+            opt.zero_grad()
+            loss, _ = model(ids, return_loss=True)
+            loss.backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # steps are 1e-2: moved alike
+
+
+def test_bench_rounds_merge_into_medians(monkeypatch):
+    """bench/train.py --rounds: each row is its median round, its ratio the median of the rounds' ratios
+    (not the ratio of medians), shares come from the merged rows, and every round is listed."""
+    bench_train = _bench_train(monkeypatch)
+    rounds = []
+    for base_s, fast_s in [(2.0, 1.0), (3.0, 1.1), (2.2, 0.8)]:
+        rows = [{"change": "base", "step_s": base_s, "tokens_per_s": 100 / base_s},
+                {"change": "fast", "step_s": fast_s, "tokens_per_s": 100 / fast_s}]
+        bench_train.add_ratios(rows)
+        rounds.append(rows)
+    base, fast = bench_train.merge_rounds(rounds)
+    assert base["step_s"] == 2.2 and fast["step_s"] == 1.0
+    assert fast["speedup_vs_baseline"] == 2.727  # median of 2.0, 2.727, 2.75
+    assert fast["rounds"] == {"step_s": [1.0, 1.1, 0.8], "speedup_vs_baseline": [2.0, 2.727, 2.75]}
+    assert fast["share_of_gain"] == 1.0 and base["share_of_gain"] == 0.0
