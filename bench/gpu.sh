@@ -7,19 +7,8 @@
 #   bench/gpu.sh --tiny [--out gpu_tiny.json]  # the same script on the CPU with a tiny model (a check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
 OUT=gpu.json
-TINY=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --tiny) TINY=1 ;;
-    --out) OUT=$2; shift ;;
-    *) echo "bench/gpu.sh: unknown option $1 (use --tiny, --out FILE)" >&2; exit 2 ;;
-  esac
-  shift
-done
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+source bench/gpu_args.sh "$@"
 if [ "$TINY" = 1 ]; then
   COMMON=(--preset tiny --device cpu --dtype fp32 --threads 2 --repeats 1 --top-k 32 --top-p 0.99)
   SIZES=1,4; BIG=8; MODES=eager,static,compile; TESTS=(-m "not gpu" -k "cuda_graph or compiled" tests/test_sampling.py)
@@ -38,7 +27,7 @@ run --batch-sizes "$SIZES" --modes "$MODES" --guidance-scale 3 --no-baseline
 run --batch-sizes "$BIG" --modes "${MODES##*,}" --no-baseline               # the best mode only at big batches
 run --batch-sizes "$BIG" --modes "${MODES##*,}" --guidance-scale 3 --no-baseline
 set +e
-timeout 300 "$PY" -m pytest -q -p no:warnings "${TESTS[@]}" > "$TMP/tests.log" 2>&1
+timeout 300 "$PY" -m pytest -p no:warnings "${TESTS[@]}" > "$TMP/tests.log" 2>&1
 echo $? > "$TMP/tests.rc"
 set -e
 "$PY" - "$TMP" "$OUT" "$TINY" <<'PYEOF'
