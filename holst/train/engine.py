@@ -60,7 +60,7 @@ from holst.train.checkpoint import (
     write_checkpoint,
 )
 from holst.utils.persist import CheckpointError
-from holst.utils.runtime import get_logger
+from holst.utils.runtime import get_logger, keep_freed_memory
 
 log = get_logger("holst.train")
 
@@ -141,6 +141,8 @@ class Engine:
             self._owns_process_group = True
         else:
             self._owns_process_group = False
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults for re-allocated activations (~0.1 s a step on 2 cores)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.grad_accum = int(cfg.grad_accum)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import platform
 
 import torch
 
@@ -73,6 +76,36 @@ def set_threads(threads: int | None) -> None:
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ConfigError(f"threads={threads!r} must be an integer >= 1 (or 0 / unset = torch's choice)")
     torch.set_num_threads(threads)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit machines
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step on a CPU frees its activations (hundreds of MB) and allocates them again in the next
+    step. By default glibc unmaps large blocks and trims the top of the heap when they are freed, so every
+    step faults them back in, zero-filled: ~91k page faults and ~0.2 s of kernel time a compiled step of
+    the emoji model on the 2-core dev CPU (1.10 -> 1.01 s a step with this). Here blocks of up to 32 MiB
+    come from the heap and the heap is never trimmed: the process keeps the memory of its peak, which a
+    training loop reaches every step anyway. Process-wide; called by the trainers' engine on a CPU.
+
+    Returns:
+        True if applied; False off Linux/glibc, or where ``MALLOC_MMAP_THRESHOLD_`` or
+        ``MALLOC_TRIM_THRESHOLD_`` is set in the environment (the user's own tuning wins).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # M_TRIM_THRESHOLD takes a C int here: 2**31 - 1 bytes is beyond any heap top this trims at
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def get_logger(name: str = "holst") -> logging.Logger:
