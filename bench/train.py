@@ -161,7 +161,10 @@ def prepare_variant(preset: str, batch: int, v: Variant, device: str, out_dir: s
     bare.gradient_checkpointing = v.checkpointing
     if not v.fast_dropout:
         use_torch_dropout(bare)
-    optim = (lambda m: build_optimizer(m, cfg)) if v.fused_adamw else (lambda m: foreach_adamw(build_optimizer(m, cfg)))
+    def optim(m: torch.nn.Module) -> torch.optim.Optimizer:
+        fused = build_optimizer(m, cfg)
+        return fused if v.fused_adamw else foreach_adamw(fused)
+
     model, optimizer = engine.prepare(bare, optim)
     scheduler = build_scheduler(optimizer, cfg)
     model.train()

@@ -449,15 +449,26 @@ def test_key_scores_equal_q_kt_with_a_row_major_key_gradient(dtype):
 
 
 # ------------------------------------------------------------------------------------------ bench helpers
-def test_bench_interleaved_steps_run_round_robin():
-    """bench/train.py --interleave: each set-up warmed up in turn, then step i of every one before step
-    i + 1 of any; medians and last results per set-up."""
+def bench_module(monkeypatch, name: str):
+    """bench/<name>.py as a module, with bench/ on the path (the scripts import their sibling ``timing``
+    by name, as when run as scripts)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("timing", Path(__file__).parents[1] / "bench" / "timing.py")
-    timing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timing)
+    bench = Path(__file__).parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"bench_{name}", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_interleaved_steps_run_round_robin(monkeypatch):
+    """bench/train.py --interleave: each set-up warmed up in turn, then step i of every one before step
+    i + 1 of any; medians and last results per set-up."""
+    timing = bench_module(monkeypatch, "timing")
     calls = []
 
     def make(name: str):
@@ -469,27 +480,12 @@ def test_bench_interleaved_steps_run_round_robin():
     assert all(o["step_s"] >= 0 and o["cpu_s"] >= 0 and o["warmup_s"] >= 0 for o in out)
 
 
-def _bench_train(monkeypatch):
-    """bench/train.py as a module (it imports its sibling ``timing`` by name, as when run as a script)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("bench_train", bench / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_train", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_step_gemms_count_the_steps_matmul_flops(monkeypatch):
     """bench/train.py's matmul floor times exactly the dense matmuls of a training step: their FLOPs equal
     what torch's FLOP counter sees in mm/addmm over a lean-loss forward + backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    bench_train = _bench_train(monkeypatch)
+    bench_train = bench_module(monkeypatch, "train")
     config = get_preset("tiny")
     torch.manual_seed(0)
     model = DalleModel(config, attn_impl="sdpa").train()  # fused attention: no bmm in the count
@@ -510,7 +506,7 @@ def test_bench_foreach_adamw_matches_the_fused_one(monkeypatch):
     every group's hyper-parameters and takes the same steps as the fused one it replaces."""
     from types import SimpleNamespace
 
-    bench_train = _bench_train(monkeypatch)
+    bench_train = bench_module(monkeypatch, "train")
     # eps 1e-3: Adam would blow the rounding noise of (mathematically) zero gradients, such as the key bias's,
     # up to full steps, differently in each optimizer
     cfg = SimpleNamespace(lr=1e-2, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1, optimizer="adamw", freeze=())
@@ -538,7 +534,7 @@ def test_bench_foreach_adamw_matches_the_fused_one(monkeypatch):
 def test_bench_rounds_merge_into_medians(monkeypatch):
     """bench/train.py --rounds: each row is its median round, its ratio the median of the rounds' ratios
     (not the ratio of medians), shares come from the merged rows, and every round is listed."""
-    bench_train = _bench_train(monkeypatch)
+    bench_train = bench_module(monkeypatch, "train")
     rounds = []
     for base_s, fast_s in [(2.0, 1.0), (3.0, 1.1), (2.2, 0.8)]:
         rows = [{"change": "base", "step_s": base_s, "tokens_per_s": 100 / base_s},
