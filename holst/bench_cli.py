@@ -55,8 +55,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"no benchmark folder {folder} (the scripts ship with the source checkout)")
     names = list_benchmarks(folder)
     if args.name is None:
+        width = max(map(len, names), default=0)
         for name, summary in names.items():
-            print(f"{name:<12} {summary}")
+            print(f"{name:<{width}}  {summary}")
         return 0
     if args.name not in names:
         raise InputError(f"unknown benchmark {args.name!r}; choose from {', '.join(names)}")

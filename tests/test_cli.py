@@ -185,6 +185,7 @@ def test_bench_lists_and_runs_scripts(tmp_path, capsys):
     assert main(["bench"]) == 0
     listing = capsys.readouterr().out
     assert all(line.split()[0] in names for line in listing.splitlines()) and len(listing.splitlines()) == len(names)
+    assert len({line.index(names[line.split()[0]]) for line in listing.splitlines()}) == 1  # one column of summaries
     (tmp_path / "echo.py").write_text('"""Echo."""\nimport sys\n\n\ndef main():\n    sys.exit(int(sys.argv[1]))\n\n\n'
                                       'if __name__ == "__main__":\n    main()\n')
     (tmp_path / "helper.py").write_text("X = 1\n")
