@@ -150,12 +150,14 @@ class Prepared:
     tokens: int  # batch * (T + N) tokens per optimizer step
 
 
-def prepare_variant(preset: str, batch: int, v: Variant, device: str, out_dir: str) -> Prepared:
-    """Model, engine, optimizer and fixed random ids for one configuration (nothing run yet)."""
+def prepare_variant(preset: str, batch: int, v: Variant, device: str, out_dir: str,
+                    overrides: dict | None = None) -> Prepared:
+    """Model, engine, optimizer and fixed random ids for one configuration (nothing run yet);
+    ``overrides``: DalleConfig fields changed from the preset's."""
     cfg = TrainConfig(out_dir=out_dir, precision=v.precision, compile=v.compile, device=device,
                       tensorboard=False, grad_clip=1.0, warmup_steps=0, max_steps=1000)
     engine = Engine(cfg, install_signal_handler=False)
-    config = get_preset(preset)
+    config = get_preset(preset, **(overrides or {}))
     torch.manual_seed(0)
     bare = DalleModel(config, attn_impl=v.attn_impl)
     bare.gradient_checkpointing = v.checkpointing
@@ -214,13 +216,13 @@ def bench_variant(preset: str, batch: int, steps: int, warmup: int, v: Variant, 
         return row
 
 
-def bench_interleaved(preset: str, batch: int, steps: int, warmup: int, variants: list[Variant], device: str
-                      ) -> list[dict]:
+def bench_interleaved(preset: str, batch: int, steps: int, warmup: int, variants: list[Variant], device: str,
+                      overrides: dict | None = None) -> list[dict]:
     """All variants built at once and timed round-robin (step i of each before step i + 1 of any), so that a
     shared machine's drift hits every row alike; no per-row peak memory (the models share the process)."""
     with contextlib.ExitStack() as stack:
-        prepared = [prepare_variant(preset, batch, v, device, stack.enter_context(tempfile.TemporaryDirectory()))
-                    for v in variants]
+        prepared = [prepare_variant(preset, batch, v, device, stack.enter_context(tempfile.TemporaryDirectory()),
+                                    overrides) for v in variants]
         timings = interleaved_steps([p.step for p in prepared], steps, warmup, prepared[0].engine.device)
         rows = [result_row(p, t, {}) for p, t in zip(prepared, timings)]
         for p in prepared:

@@ -122,6 +122,21 @@ def test_sparse_model_step_equals_math_model(version, device):
         torch.testing.assert_close(fast(ids[:, :-5]), ref(ids[:, :-5]), atol=1e-5, rtol=1e-5)
 
 
+def test_trainer_attends_block_sparse_by_default(tmp_path):
+    """`holst train dalle` without an attn_impl (fresh or init_from) trains its row and column layers
+    with band layouts; the v3 conv mask of an 8x8 grid has no band and stays dense."""
+    from holst.dalle.attention import SparseLayout
+    from holst.train.config import DalleTrainConfig
+    from holst.train.dalle import build_model
+
+    fresh = build_model(DalleTrainConfig(model="tiny", model_overrides={"image_tokens_per_dim": 8}))
+    fresh.save_pretrained(tmp_path / "m")
+    loaded = build_model(DalleTrainConfig(init_from=str(tmp_path / "m")))
+    for model in (fresh, loaded):
+        masks = model.attention_masks(model.config.total_seq_length, torch.device("cpu"))
+        assert [type(masks[k]) for k in ("row", "col", "conv")] == [SparseLayout, SparseLayout, torch.Tensor]
+
+
 # ------------------------------------------------------------------------------------------ lean loss
 
 
@@ -600,3 +615,17 @@ def test_cpu_engine_keeps_freed_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_mod, "keep_freed_memory", lambda: calls.append(1) or True)
     engine_mod.Engine(TrainConfig(out_dir=str(tmp_path), device="cpu", tensorboard=False), install_signal_handler=False)
     assert calls == [1]
+
+
+def test_bench_attention_pairs_each_sparse_row_with_its_sdpa_row(monkeypatch):
+    """bench/train_attention.py: per grid, fp32 and bf16 each with sdpa then sparse; a sparse row's
+    speed-up is over the sdpa row of its own precision, and both kernels start from the same loss."""
+    bench = bench_module(monkeypatch, "train_attention")
+    monkeypatch.setitem(bench.GRIDS, "tiny8", ("tiny", {"image_tokens_per_dim": 8}, 2))
+    rows = bench.bench_grid("tiny8", steps=1, warmup=0, device="cpu")
+    assert [(r["precision"], r["attn_impl"]) for r in rows] == [
+        ("fp32", "sdpa"), ("fp32", "sparse"), ("bf16", "sdpa"), ("bf16", "sparse")]
+    for dense, sparse in zip(rows[0::2], rows[1::2]):
+        assert sparse["speedup_vs_sdpa"] == round(dense["step_s"] / sparse["step_s"], 3)
+        assert "speedup_vs_sdpa" not in dense
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4  # one step of the same model: the same numbers

@@ -221,10 +221,13 @@ class DalleTrainConfig(ModelOptions, TrainConfig):
     Fine-tuning: ``init_from``, ``freeze`` (globs over parameter names,
     e.g. the Emojich recipe ``transformer.layers.*.attention.*`` + ``transformer.layers.*.mlp.*``),
     ``loss_img_weight`` (None = the model's; Emojich used 1000), LoRA (``lora_rank`` > 0).
+    Attention: ``attn_impl`` 'sparse' (default) computes only the band of keys the row, column and
+    conv masks leave visible, for full training sequences, and sdpa elsewhere; 'sdpa' the dense masked
+    attention; 'math' the reference's explicit kernel.
     """
 
     model: str = "emoji"
-    attn_impl: str = "sdpa"
+    attn_impl: str = "sparse"
     tokenizer: str = ""
     codes: list[str] = dataclasses.field(default_factory=list)
     images: str = ""
