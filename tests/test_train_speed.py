@@ -137,6 +137,26 @@ def test_trainer_attends_block_sparse_by_default(tmp_path):
         assert [type(masks[k]) for k in ("row", "col", "conv")] == [SparseLayout, SparseLayout, torch.Tensor]
 
 
+def test_sparse_attention_under_activation_checkpointing_gives_the_same_step():
+    """Checkpointed layers get the band layouts as arguments and recompute the same forward:
+    the loss and every gradient equal those of the plain sparse model."""
+    c = get_preset("tiny", image_tokens_per_dim=8)
+    ids = sample_ids(c, 2)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = DalleModel(c, attn_impl="sparse").train()
+        model.gradient_checkpointing = checkpointing
+        calls = []
+        model.transformer.layers[1].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))  # col layer
+        loss, _ = model(ids, return_loss=True)
+        loss.backward()
+        assert len(calls) == 1 + checkpointing  # checkpointed: its forward ran again in the backward
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ lean loss
 
 
