@@ -422,7 +422,7 @@ def test_on_the_fly_vqgan_encoding_and_sample_grid(tmp_path):
     assert Image.open(grid).size[1] == 32 + 2 * 2  # one row of 32 px images with 2 px padding
 
 
-def test_cli_with_real_tokenizer_and_code_shards(tmp_path, capsys):
+def test_cli_with_real_tokenizer_and_code_shards(tmp_path, capsys, caplog):
     """`holst train dalle --config x.yaml --set ...` end to end: BPE tokenizer dir + a code shard folder."""
     import holst.data.codes as codes_mod
     import holst.text as text_mod
@@ -436,8 +436,10 @@ def test_cli_with_real_tokenizer_and_code_shards(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: tiny\ntokenizer: {tmp_path / 'tok'}\ncodes: [{tmp_path / 'codes'}]\n"
                       f"out_dir: {tmp_path / 'run'}\nbatch_size: 4\nmax_steps: 6\nlog_every: 2\ntensorboard: false\n")
+    caplog.set_level("INFO", logger="holst")
     assert main(["train", "dalle", "--config", str(config), "--set", "max_steps=3", "--set", "lr=1e-3"]) == 0
     assert "done: 3 steps" in capsys.readouterr().out
+    assert "sparse attention" in caplog.text  # the log names the kernel (the trainer's default)
     assert sorted(read_metrics(tmp_path / "run")) == [2, 3]
     assert main(["train", "dalle", "--config", str(config), "--resume"]) == 0  # continues 3 -> 6
     assert sorted(read_metrics(tmp_path / "run")) == [2, 3, 4, 6]

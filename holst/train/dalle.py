@@ -253,9 +253,10 @@ def train_dalle(cfg: DalleTrainConfig, *, dataset: Any = None, tokenizer: Any = 
         run.track(model=model, optimizer=optimizer, scheduler=scheduler, data=batches, ema=ema)
         run.start(resume)
         n_trainable = sum(p.numel() for p in bare.parameters() if p.requires_grad)
-        log.info("DalleModel %s: %.2fM parameters (%.2fM trainable), %s on %s, %s, %d process(es), global batch %d",
+        log.info("DalleModel %s: %.2fM parameters (%.2fM trainable), %s on %s, %s, %s attention, %d process(es), "
+                 "global batch %d",
                  cfg.init_from or cfg.model, sum(p.numel() for p in bare.parameters()) / 1e6, n_trainable / 1e6,
-                 engine.backend, engine.device, engine.precision, engine.world_size,
+                 engine.backend, engine.device, engine.precision, bare.attn_impl, engine.world_size,
                  cfg.batch_size * cfg.grad_accum * engine.world_size)
 
         tokens_per_step = cfg.batch_size * cfg.grad_accum * engine.world_size * (mc.text_seq_length +
