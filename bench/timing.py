@@ -14,6 +14,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def bench_device(requested: str, threads: int) -> str:
+    """'cuda' when ``requested`` ('auto' or 'cuda') and a GPU is there, else 'cpu'; first sets torch's CPU
+    threads to ``threads`` (0: torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return "cuda" if torch.cuda.is_available() and requested in ("auto", "cuda") else "cpu"
+
+
+def device_label(device: str) -> str:
+    """The benchmark JSON's ``device``: the GPU's name, or 'cpu (N threads)'."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def timed(fn: Callable[[], object], steps: int, device: torch.device) -> float:
     """Median seconds of ``steps`` calls after one warm-up call."""
     return timed_steps(fn, steps, 1, device)["step_s"]

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved_steps, timed_steps
+from timing import bench_device, device_label, interleaved_steps, timed_steps
 
 from holst.config import DalleConfig, TrainConfig
 from holst.dalle import DalleModel
@@ -308,10 +308,8 @@ def main() -> None:
     parser.add_argument("--variants", choices=("auto", "cpu", "gpu"), default="auto",
                         help="which list to run (auto: gpu on CUDA; gpu on a CPU is a smoke test with a tiny preset)")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = "cuda" if cuda else "cpu"
+    device = bench_device(args.device, args.threads)
+    cuda = device == "cuda"
     preset = args.preset or ("malevich" if cuda else "emoji")
     batch = args.batch or (8 if cuda else 32)
     variants = GPU_VARIANTS if (args.variants == "gpu" or (args.variants == "auto" and cuda)) else CPU_VARIANTS
@@ -334,7 +332,7 @@ def main() -> None:
         floor["step_s_for_3x"] = round(rows[0]["step_s"] / 3, 4)  # issue 15's CPU target
     out = {
         "bench": "train_step",
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "preset": preset, "parameters_m": round(config.num_parameters() / 1e6, 2), "batch": batch,
         "seq_len": config.total_seq_length, "steps": args.steps, "warmup": args.warmup, "interleaved": args.interleave,
         "rounds": len(rounds),

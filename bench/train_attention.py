@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
+from timing import bench_device, device_label
 from train import Variant, bench_interleaved
 
 NO_DROPOUT = {"embedding_dropout_prob": 0.0, "attention_dropout_prob": 0.0, "output_dropout_prob": 0.0}
@@ -57,16 +57,11 @@ def main() -> None:
     unknown = sorted(set(grids) - set(GRIDS))
     if unknown:
         parser.error(f"unknown grid(s) {unknown}; choose from {list(GRIDS)}")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = "cuda" if cuda else "cpu"
-    rows = [row for name in grids for row in bench_grid(name, args.steps, args.warmup, device)]
-    keep = ("grid", "batch", "attn_impl", "precision", "step_s", "tokens_per_s", "speedup_vs_sdpa", "loss")
-    print(json.dumps({"bench": "train_attention",
-                      "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-                      "steps": args.steps, "warmup": args.warmup,
-                      "results": [{k: row[k] for k in keep if k in row} for row in rows]}, indent=2))
+    device = bench_device(args.device, args.threads)
+    print(json.dumps({"bench": "train_attention", "device": device_label(device), "steps": args.steps,
+                      "warmup": args.warmup,
+                      "results": [row for name in grids for row in bench_grid(name, args.steps, args.warmup, device)]},
+                     indent=2))
 
 
 if __name__ == "__main__":

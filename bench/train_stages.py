@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from timing import timed_steps
+from timing import bench_device, device_label, timed_steps
 
 from holst.config import TrainConfig
 from holst.rerank.clip import CLIPModel, clip_preset
@@ -104,10 +104,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = "cuda" if cuda else "cpu"
+    device = bench_device(args.device, args.threads)
     rows = []
     for stage in args.stages.split(","):
         if stage not in STAGES:
@@ -117,7 +114,7 @@ def main() -> None:
             r["speedup_vs_fp32"] = round(stage_rows[0]["step_s"] / r["step_s"], 3)
         rows += stage_rows
     print(json.dumps({"bench": "train_stages",
-                      "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                      "device": device_label(device),
                       "steps": args.steps, "warmup": args.warmup, "results": rows}, indent=2))
 
 
